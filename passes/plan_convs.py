@@ -1,0 +1,101 @@
+"""Decide, per convolution, whether it is lowered to spectral ops, and plan its FFT grid.
+
+Analysis only: each conv node gets ``meta["specfx_plan"]`` (a :class:`ConvPlan`) and the
+report a decision with its reason and cost figures. The graph itself is unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from specfx import node_meta
+from specfx.canonical import ConvSite, find_conv_sites, tensor_info, weight_value
+from specfx.cost_model import SMALL_DENSE_KERNEL, ConvShape, estimate
+from specfx.geometry import SpectralGeometry, plan_geometry, resolve_padding
+from specfx.pipeline import PassContext
+from specfx.report import ConvDecision
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvPlan:
+    """How one conv is to be lowered: its grid, and the dtype its output keeps."""
+
+    name: str
+    lowered: bool
+    geometry: Optional[SpectralGeometry]
+    out_dtype: Optional[torch.dtype]
+
+
+def _describe(site: ConvSite, in_shape, w_shape, dtype) -> str:
+    kernel = "x".join(map(str, w_shape[2:])) if w_shape is not None else "?"
+    channels = f"{in_shape[-site.rank - 1]}→{w_shape[0]}" if in_shape is not None and w_shape is not None else "?"
+    kind = f"Conv{'Transpose' if site.transposed else ''}{site.rank}d"
+    groups = "" if site.groups == 1 else (" depthwise" if w_shape is not None and w_shape[1] == 1 else f" groups={site.groups}")
+    shape = f"input {tuple(in_shape)} {str(dtype).replace('torch.', '')}" if in_shape is not None else "input shape unknown"
+    return f"{kind} {channels} k={kernel}{groups}, padding={site.padding!r} {site.padding_mode}, {shape}"
+
+
+def _plan(gm: fx.GraphModule, site: ConvSite, ctx: PassContext) -> tuple[ConvDecision, ConvPlan]:
+    info = tensor_info(site.input)
+    w = weight_value(gm, site)
+    w_shape = tuple(w.shape) if w is not None else (tensor_info(site.weight) or (None,))[0]
+    in_shape, dtype = info if info is not None else (None, None)
+    description = _describe(site, in_shape, w_shape, dtype)
+
+    def keep(reason: str, cost=None) -> tuple[ConvDecision, ConvPlan]:
+        return (ConvDecision(site.name, site.node.name, description, False, reason, cost),
+                ConvPlan(site.name, False, None, None))
+
+    if site.not_lowerable:
+        return keep(site.not_lowerable)
+    if in_shape is None or w_shape is None:
+        return keep("no shape information for the input or weight")
+    if dtype not in SUPPORTED_DTYPES:
+        return keep(f"dtype {dtype} is not supported by the spectral ops")
+    if len(in_shape) not in (site.rank + 1, site.rank + 2):
+        return keep(f"input has {len(in_shape)} dims; a {site.rank}d conv takes {site.rank + 1} or {site.rank + 2}")
+    kernel = list(w_shape[2:])
+    try:
+        pads = resolve_padding(site.padding, kernel, site.dilation, site.stride)
+        geometry = plan_geometry(list(in_shape[-site.rank:]), kernel, site.stride, pads,
+                                 site.dilation, site.padding_mode)
+    except ValueError as err:
+        return keep(f"not lowerable: {err}")
+
+    batch = math.prod(in_shape[: len(in_shape) - site.rank - 1])
+    val = site.input.meta.get("val")
+    channels_last = isinstance(val, torch.Tensor) and val.dim() == 4 and not val.is_contiguous() \
+        and val.is_contiguous(memory_format=torch.channels_last)
+    shape = ConvShape(batch=batch, in_channels=in_shape[-site.rank - 1], out_channels=w_shape[0],
+                      groups=site.groups, kernel_size=tuple(kernel), out_size=geometry.out_size,
+                      element_bytes=dtype.itemsize, channels_last=channels_last)
+    cost = estimate(shape, geometry, ctx.settings.profile)
+    policy = ctx.settings.policy
+    if policy == "never":
+        return keep("policy='never'", cost)
+    if policy == "auto":
+        if not shape.depthwise and max(kernel) <= SMALL_DENSE_KERNEL:
+            return keep(f"dense kernel ≤ {SMALL_DENSE_KERNEL}: direct conv libraries are faster there", cost)
+        if cost.fft_ms >= cost.direct_ms:
+            return keep(f"direct conv estimated faster ({cost.fft_ms / cost.direct_ms:.2f}x the FFT's time)", cost)
+        reason = f"FFT estimated {cost.speedup:.1f}x faster"
+    else:
+        reason = "policy='always'"
+    decision = ConvDecision(site.name, site.node.name, description, True, reason, cost)
+    return decision, ConvPlan(site.name, True, geometry, dtype)
+
+
+def plan_convs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    for site in find_conv_sites(gm):
+        decision, plan = _plan(gm, site, ctx)
+        site.node.meta[node_meta.PLAN] = plan
+        ctx.report.decisions.append(decision)
+    return PassResult(gm, False)

@@ -1,0 +1,103 @@
+"""``specfx.optimize`` and ``specfx.explain``: capture → plan → rewrite → verify."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .capture import capture, run_module
+from .cost_model import DEFAULT_PROFILE, CostProfile
+from .errors import ExampleInputError
+from .pipeline import PassContext, Settings, run_pipeline
+from .report import Report
+from .verify import verify as verify_graphs
+
+ExampleInputs = Union[torch.Tensor, Sequence[Any]]
+
+
+def _as_tuple(example_inputs: ExampleInputs) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise TypeError(f"example_inputs must be a tensor or a tuple of inputs, got {type(example_inputs).__name__}")
+
+
+def _describe_inputs(inputs: tuple) -> str:
+    return ", ".join(f"Tensor{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"
+                     if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs)
+
+
+def _prepare(model: nn.Module, example_inputs: ExampleInputs) -> tuple[nn.Module, tuple]:
+    """A private copy of ``model``, checked to run on the example inputs."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    inputs = _as_tuple(example_inputs)
+    work = copy.deepcopy(model)
+    try:
+        run_module(work, inputs)
+    except Exception as err:
+        raise ExampleInputError(
+            f"{type(model).__name__} raised on the example inputs ({_describe_inputs(inputs)}): "
+            f"{type(err).__name__}: {err}") from err
+    return work, inputs
+
+
+def _snapshot(gm: fx.GraphModule) -> fx.GraphModule:
+    """The graph as captured, over the same module (so sharing its parameters)."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return fx.GraphModule(gm, graph)
+
+
+def optimize(model: nn.Module, example_inputs: ExampleInputs, *, policy: str = "auto",
+             verify: bool = True, verify_tol: Optional[float] = None, frontend: str = "auto",
+             profile: CostProfile = DEFAULT_PROFILE) -> fx.GraphModule:
+    """Rewrite the convolutions of ``model`` that are cheaper as FFT convolutions.
+
+    Args:
+        model: any ``nn.Module``; it is never modified (specfx works on a deep copy).
+        example_inputs: a tensor or tuple of positional inputs. Spatial sizes are fixed
+            by these: a lowered conv raises if called with another spatial size (batch
+            size may change).
+        policy: ``"auto"`` (the cost model decides per conv), ``"always"`` (lower every
+            conv that can be lowered) or ``"never"`` (rewrite nothing; report only).
+        verify: run the original and the optimized module on ``example_inputs`` and raise
+            :class:`specfx.VerificationError`, naming the first diverging node, if they
+            differ beyond tolerance.
+        verify_tol: error accepted, relative to each output's largest magnitude
+            (default per dtype: fp64 1e-10, fp32 1e-4, fp16 1e-2, bf16 5e-2).
+        frontend: ``"auto"`` (``symbolic_trace``, then ``export``), or one of them.
+        profile: the rates the cost model uses.
+
+    Returns:
+        An ``fx.GraphModule`` with the original's ``state_dict`` keys, and the report of
+        what was done as ``.specfx_report``.
+    """
+    from specfx.passes import PIPELINE
+
+    work, inputs = _prepare(model, example_inputs)
+    gm, frontend_used = capture(work, inputs, frontend)
+    reference = _snapshot(gm)
+    report = Report(frontend=frontend_used, policy=policy)
+    gm = run_pipeline(gm, PassContext(Settings(policy, profile), report), PIPELINE)
+    if verify and report.lowered:
+        report.verified_error, report.verified_tolerance = verify_graphs(reference, gm, inputs, verify_tol)
+    gm.specfx_report = report
+    return gm
+
+
+def explain(model: nn.Module, example_inputs: ExampleInputs, *, policy: str = "auto",
+            frontend: str = "auto", profile: CostProfile = DEFAULT_PROFILE) -> Report:
+    """The report :func:`optimize` would produce, without rewriting anything."""
+    from specfx.passes import PIPELINE
+
+    work, inputs = _prepare(model, example_inputs)
+    gm, frontend_used = capture(work, inputs, frontend)
+    report = Report(frontend=frontend_used, policy=policy, applied=False)
+    run_pipeline(gm, PassContext(Settings(policy, profile), report), PIPELINE, analysis_only=True)
+    return report

@@ -1,0 +1,46 @@
+"""``spectral_conv``: a drop-in for ``F.conv1d/2d/3d`` that computes through the spectral ops."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .geometry import PaddingArg, SpectralGeometry, expand, plan_geometry, resolve_padding
+
+
+def conv_geometry(x: torch.Tensor, weight: torch.Tensor, stride: Union[int, Sequence[int]] = 1,
+                  padding: PaddingArg = 0, dilation: Union[int, Sequence[int]] = 1,
+                  padding_mode: str = "zeros") -> SpectralGeometry:
+    """The FFT grid for ``F.convNd(x, weight, ...)`` (with ``nn.ConvNd``'s ``padding_mode``)."""
+    rank = weight.dim() - 2
+    stride, dilation = expand(stride, rank), expand(dilation, rank)
+    kernel = list(weight.shape[2:])
+    pads = resolve_padding(padding, kernel, dilation, stride)
+    return plan_geometry(list(x.shape[-rank:]), kernel, stride, pads, dilation, padding_mode)
+
+
+def spectral_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                  stride: Union[int, Sequence[int]] = 1, padding: PaddingArg = 0,
+                  dilation: Union[int, Sequence[int]] = 1, groups: int = 1,
+                  padding_mode: str = "zeros") -> torch.Tensor:
+    """The convolution ``F.convNd`` computes, through FFTs; exact up to rounding.
+
+    Accepts everything ``F.conv1d/2d/3d`` accepts, plus ``nn.ConvNd``'s ``padding_mode``.
+    """
+    geometry = conv_geometry(x, weight, stride, padding, dilation, padding_mode)
+    return apply_geometry(x, weight, bias, geometry, groups)
+
+
+def apply_geometry(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   geometry: SpectralGeometry, groups: int) -> torch.Tensor:
+    """Run the three spectral ops for a planned geometry."""
+    if geometry.pre_pad is not None:
+        mode, pads = geometry.pre_pad
+        x = F.pad(x, list(pads), mode=mode)
+    g = geometry
+    x_hat = ops.to_spectrum(x, list(g.in_size), list(g.fft_size))
+    y_hat = ops.spectral_mix(x_hat, weight, list(g.fft_size), list(g.dilation), list(g.shift), groups)
+    return ops.from_spectrum(y_hat, list(g.fft_size), list(g.out_size), list(g.stride), bias, x.dtype)

@@ -1,0 +1,117 @@
+"""Where a convolution's samples sit on the FFT grid: FFT size, shift, crop.
+
+Everything here is integer arithmetic on shapes, shared by the planner (to cost a conv)
+and the rewrite (to emit its spectral ops).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence, Union
+
+PaddingArg = Union[str, int, Sequence[int]]
+
+
+def smooth_size(n: int, primes: Sequence[int] = (2, 3, 5, 7)) -> int:
+    """The smallest integer ≥ ``n`` whose prime factors are all in ``primes``; FFTs of
+    such sizes run at full speed."""
+    candidate = max(n, 1)
+    while True:
+        rest = candidate
+        for p in primes:
+            while rest % p == 0:
+                rest //= p
+        if rest == 1:
+            return candidate
+        candidate += 1
+
+
+def resolve_padding(padding: PaddingArg, kernel_size: Sequence[int], dilation: Sequence[int],
+                    stride: Sequence[int]) -> list[tuple[int, int]]:
+    """Per-axis ``(left, right)`` padding, as torch resolves ints, tuples, ``'valid'``
+    and ``'same'`` (for even kernels the odd extra element goes on the right)."""
+    rank = len(kernel_size)
+    if isinstance(padding, str):
+        if padding == "valid":
+            return [(0, 0)] * rank
+        if padding == "same":
+            if any(s != 1 for s in stride):
+                raise ValueError("padding='same' is not supported for strided convolutions")
+            totals = [d * (k - 1) for k, d in zip(kernel_size, dilation)]
+            return [(t // 2, t - t // 2) for t in totals]
+        raise ValueError(f"invalid padding string {padding!r}; expected 'same' or 'valid'")
+    pads = expand(padding, rank)
+    return [(p, p) for p in pads]
+
+
+def expand(value: Union[int, Sequence[int]], rank: int) -> list[int]:
+    """An int or a 1-element sequence repeated to ``rank`` entries, as torch's convs do."""
+    if isinstance(value, int):
+        return [value] * rank
+    values = [int(v) for v in value]
+    return values * rank if len(values) == 1 else values
+
+
+@dataclasses.dataclass(frozen=True)
+class SpectralGeometry:
+    """How one conv maps onto a real FFT grid, per spatial axis.
+
+    ``pre_pad`` is the spatial padding still done by ``F.pad`` before the transform
+    (reflect and replicate modes), as ``(mode, pads)`` in ``F.pad`` order, or ``None``.
+    ``in_size`` is the size the transform sees (after ``pre_pad``).
+    """
+
+    in_size: tuple[int, ...]
+    kernel_size: tuple[int, ...]
+    fft_size: tuple[int, ...]
+    shift: tuple[int, ...]
+    dilation: tuple[int, ...]
+    stride: tuple[int, ...]
+    out_size: tuple[int, ...]
+    circular: bool
+    pre_pad: tuple[str, tuple[int, ...]] | None
+
+    @property
+    def rank(self) -> int:
+        return len(self.fft_size)
+
+
+def plan_geometry(in_size: Sequence[int], kernel_size: Sequence[int], stride: Sequence[int],
+                  padding: Sequence[tuple[int, int]], dilation: Sequence[int], padding_mode: str,
+                  primes: Sequence[int] = (2, 3, 5, 7)) -> SpectralGeometry:
+    """The smallest exact FFT grid for a conv with the given resolved padding.
+
+    Zero padding: output ``t`` reads input positions ``t·s + m·d − left`` for every tap
+    ``m``. On a circular grid of size ``P`` those reads are exact as long as the ones that
+    fall outside the input (the padding) wrap onto grid positions the input does not
+    occupy, i.e. ``P ≥ L + left`` and ``P`` exceeds the last position read. 'valid' convs
+    therefore need only ``P = L``. Circular padding is periodic extension, which the grid
+    does natively at ``P = L``. Reflect and replicate padding is done spatially first.
+    """
+    rank = len(kernel_size)
+    pre_pad = None
+    if padding_mode in ("reflect", "replicate"):
+        flat = tuple(p for left, right in reversed(padding) for p in (left, right))
+        pre_pad = (padding_mode, flat)
+        in_size = [n + left + right for n, (left, right) in zip(in_size, padding)]
+        padding = [(0, 0)] * rank
+    elif padding_mode not in ("zeros", "circular"):
+        raise ValueError(f"unknown padding_mode {padding_mode!r}")
+    circular = padding_mode == "circular"
+
+    fft_size, out_size = [], []
+    for n, k, s, (left, right), d in zip(in_size, kernel_size, stride, padding, dilation):
+        span = d * (k - 1) + 1
+        out = (n + left + right - span) // s + 1
+        if out < 1:
+            raise ValueError(f"kernel span {span} is larger than the padded input size {n + left + right}")
+        if circular:
+            fft_size.append(n)
+        else:
+            last_read = (out - 1) * s + span - 1 - left
+            fft_size.append(smooth_size(max(n + left, last_read + 1, n), primes))
+        out_size.append(out)
+    return SpectralGeometry(
+        in_size=tuple(in_size), kernel_size=tuple(kernel_size), fft_size=tuple(fft_size),
+        shift=tuple(left for left, _ in padding), dilation=tuple(dilation), stride=tuple(stride),
+        out_size=tuple(out_size), circular=circular, pre_pad=pre_pad)

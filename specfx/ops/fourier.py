@@ -1,0 +1,67 @@
+"""Real FFTs over the trailing spatial dims, and their exact adjoints.
+
+Every spectral op is built from these few maps. Each adjoint is written out (rather than
+left to autograd) so that the ops' backward formulas are plain tensor code that also runs
+under fake tensors, AOTAutograd and double backward.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+
+def spatial_dims(rank: int) -> list[int]:
+    """The last ``rank`` dims, as negative indices."""
+    return list(range(-rank, 0))
+
+
+def real_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """The real dtype the FFTs run in: fp64 stays fp64; everything else runs in fp32,
+    because CPU FFTs have no fp16/bf16 kernels and GPU ones only for powers of two."""
+    return torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
+
+
+def rfft_bins(fft_size: Sequence[int]) -> list[int]:
+    """Shape of the one-sided spectrum of a real signal of ``fft_size``."""
+    return [*fft_size[:-1], fft_size[-1] // 2 + 1]
+
+
+def rfftn(x: torch.Tensor, fft_size: Sequence[int]) -> torch.Tensor:
+    """One-sided spectrum of ``x`` zero-padded (at the end) to ``fft_size``."""
+    return torch.fft.rfftn(x, s=list(fft_size), dim=spatial_dims(len(fft_size)))
+
+
+def irfftn(x_hat: torch.Tensor, fft_size: Sequence[int]) -> torch.Tensor:
+    """Real signal of ``fft_size`` whose one-sided spectrum is ``x_hat``."""
+    return torch.fft.irfftn(x_hat, s=list(fft_size), dim=spatial_dims(len(fft_size)))
+
+
+def _one_sided_weights(fft_size: Sequence[int], dtype: torch.dtype, device) -> torch.Tensor:
+    """Multiplicity of each bin of the last axis in the full (two-sided) spectrum:
+    1 for DC (and Nyquist when the size is even), 2 for the bins whose mirror is dropped."""
+    n = fft_size[-1]
+    weights = torch.full((n // 2 + 1,), 2.0, dtype=dtype, device=device)
+    weights[0] = 1.0
+    if n % 2 == 0:
+        weights[-1] = 1.0
+    return weights
+
+
+def rfftn_adjoint(grad: torch.Tensor, fft_size: Sequence[int]) -> torch.Tensor:
+    """Adjoint of :func:`rfftn` (as a real-linear map onto the full ``fft_size`` grid).
+
+    ``rfftn`` keeps one bin of each conjugate pair, so its adjoint is ``N · irfftn`` of the
+    gradient with the paired bins weighted by 1/2 (``irfftn`` counts each of them twice).
+    """
+    weights = _one_sided_weights(fft_size, grad.real.dtype, grad.device)
+    return irfftn(grad / weights, fft_size) * math.prod(fft_size)
+
+
+def irfftn_adjoint(grad: torch.Tensor, fft_size: Sequence[int]) -> torch.Tensor:
+    """Adjoint of :func:`irfftn`: ``rfftn`` of the gradient, scaled by each bin's
+    multiplicity over ``N``."""
+    weights = _one_sided_weights(fft_size, grad.dtype, grad.device)
+    return rfftn(grad, fft_size) * (weights / math.prod(fft_size))

@@ -1,0 +1,184 @@
+"""The spectral op vocabulary, as ``torch.library`` custom ops in the ``specfx`` namespace.
+
+A lowered convolution is three nodes:
+
+    x_hat = specfx.to_spectrum(x, in_size, fft_size)
+    y_hat = specfx.spectral_mix(x_hat, weight, fft_size, dilation, shift, groups)
+    y     = specfx.from_spectrum(y_hat, fft_size, out_size, stride, bias, out_dtype)
+
+Keeping them separate lets a chain of convs drop a ``from_spectrum → to_spectrum`` pair.
+Each op has a fake (meta) implementation, so graphs that hold them can be exported and
+compiled, and an autograd formula written from the exact adjoints in :mod:`.fourier`.
+Spectra are complex64, or complex128 for fp64 inputs; half-precision inputs are computed
+in fp32 and the result is cast back in ``from_spectrum``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import contraction, fourier
+from .weight_spectrum import SPECTRUM_CACHE, weight_spectrum_adjoint
+
+
+def _complex_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.complex128 if fourier.real_dtype_for(dtype) == torch.float64 else torch.complex64
+
+
+# --- to_spectrum -------------------------------------------------------------------------
+
+@torch.library.custom_op("specfx::to_spectrum", mutates_args=())
+def to_spectrum(x: torch.Tensor, in_size: list[int], fft_size: list[int]) -> torch.Tensor:
+    """One-sided spectrum of ``x`` over its trailing ``len(fft_size)`` dims, zero-padded at
+    the end to ``fft_size``. ``in_size`` is the spatial size the lowering was planned for."""
+    actual = list(x.shape[-len(fft_size):])
+    if actual != list(in_size):
+        raise ValueError(
+            f"specfx: this lowered convolution was planned for spatial size {list(in_size)} "
+            f"but got {actual}; run specfx.optimize again with an example input of that size")
+    return fourier.rfftn(x.to(fourier.real_dtype_for(x.dtype)), fft_size)
+
+
+@to_spectrum.register_fake
+def _(x, in_size, fft_size):
+    batch = x.shape[: x.dim() - len(fft_size)]
+    return x.new_empty((*batch, *fourier.rfft_bins(fft_size)), dtype=_complex_dtype(x.dtype))
+
+
+def _to_spectrum_setup(ctx, inputs, output):
+    x, in_size, fft_size = inputs
+    ctx.in_size, ctx.fft_size, ctx.x_dtype = in_size, fft_size, x.dtype
+
+
+def _to_spectrum_backward(ctx, grad):
+    grid = fourier.rfftn_adjoint(grad, ctx.fft_size)
+    for axis, n in enumerate(ctx.in_size):
+        grid = grid.narrow(grid.dim() - len(ctx.in_size) + axis, 0, n)
+    return grid.to(ctx.x_dtype), None, None
+
+
+to_spectrum.register_autograd(_to_spectrum_backward, setup_context=_to_spectrum_setup)
+
+
+# --- spectral_mix ------------------------------------------------------------------------
+
+def _laid_weight(x_hat, weight, fft_size, dilation, shift, groups) -> torch.Tensor:
+    laid = SPECTRUM_CACHE.get(weight, fft_size, dilation, shift, groups, contraction.layout_weight)
+    return laid.to(x_hat.dtype)
+
+
+@torch.library.custom_op("specfx::spectral_mix", mutates_args=())
+def spectral_mix(x_hat: torch.Tensor, weight: torch.Tensor, fft_size: list[int],
+                 dilation: list[int], shift: list[int], groups: int) -> torch.Tensor:
+    """Per-frequency channel contraction of ``x_hat`` with the spectrum of the spatial
+    kernel ``weight`` (a conv weight, ``(C_out, C_in/groups, *k)``), placed on the grid
+    with ``dilation`` and shifted left by ``shift`` (the conv's left padding)."""
+    laid = _laid_weight(x_hat, weight, fft_size, dilation, shift, groups)
+    return contraction.mix(x_hat, laid, groups, len(fft_size))
+
+
+@spectral_mix.register_fake
+def _(x_hat, weight, fft_size, dilation, shift, groups):
+    rank = len(fft_size)
+    batch = x_hat.shape[: x_hat.dim() - rank - 1]
+    return x_hat.new_empty((*batch, weight.shape[0], *x_hat.shape[-rank:]))
+
+
+def _spectral_mix_setup(ctx, inputs, output):
+    x_hat, weight, fft_size, dilation, shift, groups = inputs
+    ctx.save_for_backward(x_hat, weight)
+    ctx.geometry = (fft_size, dilation, shift, groups)
+
+
+def _spectral_mix_backward(ctx, grad):
+    x_hat, weight = ctx.saved_tensors
+    fft_size, dilation, shift, groups = ctx.geometry
+    rank = len(fft_size)
+    grad_x = grad_w = None
+    if ctx.needs_input_grad[0]:
+        laid = _laid_weight(x_hat, weight, fft_size, dilation, shift, groups)
+        grad_x = contraction.mix_adjoint_input(grad, laid, groups, rank)
+    if ctx.needs_input_grad[1]:
+        grad_w_hat = contraction.mix_adjoint_weight(x_hat, grad, groups, rank)
+        grad_w = weight_spectrum_adjoint(grad_w_hat, weight, fft_size, dilation, shift)
+    return grad_x, grad_w, None, None, None, None
+
+
+spectral_mix.register_autograd(_spectral_mix_backward, setup_context=_spectral_mix_setup)
+
+
+# --- from_spectrum -----------------------------------------------------------------------
+
+def _output_positions(out: int, stride: int, fft_size: int, device) -> torch.Tensor:
+    return (torch.arange(out, device=device) * stride) % fft_size
+
+
+def _crop(y: torch.Tensor, out_size: list[int], stride: list[int], fft_size: list[int]) -> torch.Tensor:
+    """Output ``j`` of each axis sits at grid position ``j·stride`` (mod the grid on a
+    circular domain)."""
+    rank = len(fft_size)
+    for axis, (out, s, n) in enumerate(zip(out_size, stride, fft_size)):
+        dim = y.dim() - rank + axis
+        if (out - 1) * s < n:
+            y = y.narrow(dim, 0, (out - 1) * s + 1)[(slice(None),) * dim + (slice(None, None, s),)]
+        else:
+            y = y.index_select(dim, _output_positions(out, s, n, y.device))
+    return y
+
+
+def _uncrop(grad: torch.Tensor, out_size: list[int], stride: list[int], fft_size: list[int]) -> torch.Tensor:
+    """Adjoint of :func:`_crop`: scatter-add the gradient back onto the grid."""
+    rank = len(fft_size)
+    for axis, (out, s, n) in enumerate(zip(out_size, stride, fft_size)):
+        dim = grad.dim() - rank + axis
+        shape = list(grad.shape)
+        shape[dim] = n
+        grad = grad.new_zeros(shape).index_add_(dim, _output_positions(out, s, n, grad.device), grad)
+    return grad
+
+
+def _channel_view(bias: torch.Tensor, rank: int) -> torch.Tensor:
+    return bias.reshape(-1, *([1] * rank))
+
+
+@torch.library.custom_op("specfx::from_spectrum", mutates_args=())
+def from_spectrum(y_hat: torch.Tensor, fft_size: list[int], out_size: list[int],
+                  stride: list[int], bias: Optional[torch.Tensor],
+                  out_dtype: torch.dtype) -> torch.Tensor:
+    """Inverse transform of ``y_hat`` at ``fft_size``, the conv's output positions
+    (``out_size`` per axis, ``stride`` apart) cropped out, plus ``bias``, as ``out_dtype``."""
+    rank = len(fft_size)
+    y = _crop(fourier.irfftn(y_hat, fft_size), out_size, stride, fft_size)
+    if bias is not None:
+        y = y + _channel_view(bias.to(y.dtype), rank)
+    return y.to(out_dtype).contiguous()
+
+
+@from_spectrum.register_fake
+def _(y_hat, fft_size, out_size, stride, bias, out_dtype):
+    batch = y_hat.shape[: y_hat.dim() - len(fft_size)]
+    return y_hat.new_empty((*batch, *out_size), dtype=out_dtype)
+
+
+def _from_spectrum_setup(ctx, inputs, output):
+    y_hat, fft_size, out_size, stride, bias, out_dtype = inputs
+    ctx.geometry = (fft_size, out_size, stride)
+    ctx.real_dtype = fourier.real_dtype_for(y_hat.dtype)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _from_spectrum_backward(ctx, grad):
+    fft_size, out_size, stride = ctx.geometry
+    grad = grad.to(ctx.real_dtype)
+    grad_y_hat = fourier.irfftn_adjoint(_uncrop(grad, out_size, stride, fft_size), fft_size)
+    grad_bias = None
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:
+        channel_dim = grad.dim() - len(fft_size) - 1
+        reduce = [d for d in range(grad.dim()) if d != channel_dim]
+        grad_bias = grad.sum(dim=reduce).to(ctx.bias_dtype)
+    return grad_y_hat, None, None, None, grad_bias, None
+
+
+from_spectrum.register_autograd(_from_spectrum_backward, setup_context=_from_spectrum_setup)
