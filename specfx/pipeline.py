@@ -2,7 +2,8 @@
 
 Each pass is ``(gm, ctx) -> PassResult`` and says honestly whether it changed the graph.
 After every pass the graph is cleaned (dead code removed), linted and recompiled, and the
-code after it is recorded in the report, so each pass's effect can be inspected.
+code after it is recorded in the report (with the code before the first pass), so each
+pass's effect can be inspected.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ def cleanup(gm: fx.GraphModule) -> None:
 def run_pipeline(gm: fx.GraphModule, ctx: PassContext, passes: list[RegisteredPass],
                  analysis_only: bool = False) -> fx.GraphModule:
     """Run ``passes`` in order (only the analysis ones if ``analysis_only``)."""
+    # A report that already holds passes (a second run) keeps the code they started from.
+    if ctx.report.captured_code is None:
+        ctx.report.captured_code = gm.code
     for registered in passes:
         if analysis_only and not registered.analysis:
             continue

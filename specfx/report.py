@@ -43,6 +43,8 @@ class Report:
     decisions: list[ConvDecision] = dataclasses.field(default_factory=list)
     passes: list[PassRecord] = dataclasses.field(default_factory=list)
     capture_notes: list[str] = dataclasses.field(default_factory=list)
+    # The graph code before the first pass, so the first pass's effect can be diffed.
+    captured_code: Optional[str] = None
     verified_error: Optional[float] = None
     verified_tolerance: Optional[float] = None
 
