@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 from torch.fx.passes.infra.pass_base import PassResult
 
 from specfx import node_meta
@@ -36,7 +37,9 @@ class ConvPlan:
 
 def _describe(site: ConvSite, in_shape, w_shape, dtype) -> str:
     kernel = "x".join(map(str, w_shape[2:])) if w_shape is not None else "?"
-    channels = f"{in_shape[-site.rank - 1]}→{w_shape[0]}" if in_shape is not None and w_shape is not None else "?"
+    # a transposed conv's weight is (C_in, C_out/groups, *k), a forward conv's (C_out, C_in/groups, *k)
+    out_channels = (w_shape[1] * site.groups if site.transposed else w_shape[0]) if w_shape is not None else None
+    channels = f"{in_shape[-site.rank - 1]}→{out_channels}" if in_shape is not None and w_shape is not None else "?"
     kind = f"Conv{'Transpose' if site.transposed else ''}{site.rank}d"
     groups = "" if site.groups == 1 else (" depthwise" if w_shape is not None and w_shape[1] == 1 else f" groups={site.groups}")
     shape = f"input {tuple(in_shape)} {str(dtype).replace('torch.', '')}" if in_shape is not None else "input shape unknown"
@@ -70,7 +73,7 @@ def _plan(gm: fx.GraphModule, site: ConvSite, ctx: PassContext) -> tuple[ConvDec
     except ValueError as err:
         return keep(f"not lowerable: {err}")
 
-    batch = math.prod(in_shape[: len(in_shape) - site.rank - 1])
+    batch = math.prod(optimization_hint(d) for d in in_shape[: len(in_shape) - site.rank - 1])
     val = site.input.meta.get("val")
     channels_last = isinstance(val, torch.Tensor) and val.dim() == 4 and not val.is_contiguous() \
         and val.is_contiguous(memory_format=torch.channels_last)

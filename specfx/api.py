@@ -9,11 +9,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .capture import capture, run_module
+from .capture import capture, check_frontend, run_module
 from .cost_model import DEFAULT_PROFILE, CostProfile
 from .errors import ExampleInputError
 from .pipeline import PassContext, Settings, run_pipeline
 from .report import Report
+from .verify import check_tolerance
 from .verify import verify as verify_graphs
 
 ExampleInputs = Union[torch.Tensor, Sequence[Any]]
@@ -32,10 +33,12 @@ def _describe_inputs(inputs: tuple) -> str:
                      if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs)
 
 
-def _prepare(model: nn.Module, example_inputs: ExampleInputs) -> tuple[nn.Module, tuple]:
-    """A private copy of ``model``, checked to run on the example inputs."""
+def _prepare(model: nn.Module, example_inputs: ExampleInputs, frontend: str) -> tuple[nn.Module, tuple]:
+    """A private copy of ``model``, checked to run on the example inputs (after the
+    arguments are checked, so that a typo fails before any work)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_frontend(frontend)
     inputs = _as_tuple(example_inputs)
     work = copy.deepcopy(model)
     try:
@@ -62,8 +65,9 @@ def optimize(model: nn.Module, example_inputs: ExampleInputs, *, policy: str = "
     Args:
         model: any ``nn.Module``; it is never modified (specfx works on a deep copy).
         example_inputs: a tensor or tuple of positional inputs. Spatial sizes are fixed
-            by these: a lowered conv raises if called with another spatial size (batch
-            size may change).
+            by these: a lowered conv raises ``ValueError`` if called with another spatial
+            size. The batch size may change (through the ``export`` front end only when
+            the example's batch size is > 1: export fixes size-1 dimensions).
         policy: ``"auto"`` (the cost model decides per conv), ``"always"`` (lower every
             conv that can be lowered) or ``"never"`` (rewrite nothing; report only).
         verify: run the original and the optimized module on ``example_inputs`` and raise
@@ -80,11 +84,14 @@ def optimize(model: nn.Module, example_inputs: ExampleInputs, *, policy: str = "
     """
     from specfx.passes import PIPELINE
 
-    work, inputs = _prepare(model, example_inputs)
-    gm, frontend_used = capture(work, inputs, frontend)
+    settings = Settings(policy, profile)  # checks the policy
+    check_tolerance(verify_tol)
+    work, inputs = _prepare(model, example_inputs, frontend)
+    notes: list[str] = []
+    gm, frontend_used = capture(work, inputs, frontend, notes)
     reference = _snapshot(gm)
-    report = Report(frontend=frontend_used, policy=policy)
-    gm = run_pipeline(gm, PassContext(Settings(policy, profile), report), PIPELINE)
+    report = Report(frontend=frontend_used, policy=policy, capture_notes=notes)
+    gm = run_pipeline(gm, PassContext(settings, report), PIPELINE)
     if verify and report.lowered:
         report.verified_error, report.verified_tolerance = verify_graphs(reference, gm, inputs, verify_tol)
     gm.specfx_report = report
@@ -96,8 +103,10 @@ def explain(model: nn.Module, example_inputs: ExampleInputs, *, policy: str = "a
     """The report :func:`optimize` would produce, without rewriting anything."""
     from specfx.passes import PIPELINE
 
-    work, inputs = _prepare(model, example_inputs)
-    gm, frontend_used = capture(work, inputs, frontend)
-    report = Report(frontend=frontend_used, policy=policy, applied=False)
-    run_pipeline(gm, PassContext(Settings(policy, profile), report), PIPELINE, analysis_only=True)
+    settings = Settings(policy, profile)  # checks the policy
+    work, inputs = _prepare(model, example_inputs, frontend)
+    notes: list[str] = []
+    gm, frontend_used = capture(work, inputs, frontend, notes)
+    report = Report(frontend=frontend_used, policy=policy, applied=False, capture_notes=notes)
+    run_pipeline(gm, PassContext(settings, report), PIPELINE, analysis_only=True)
     return report

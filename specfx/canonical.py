@@ -36,7 +36,13 @@ def _functional_conv_signature(input, weight, bias=None, stride=1, padding=0, di
     """The Python signature of ``torch.convNd`` (a builtin, which has none of its own)."""
 
 
+def _transposed_conv_signature(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
+                               dilation=1):
+    """The Python signature of ``torch.conv_transposeNd``."""
+
+
 _FUNCTIONAL_SIGNATURE = inspect.signature(_functional_conv_signature)
+_TRANSPOSED_SIGNATURE = inspect.signature(_transposed_conv_signature)
 
 
 @dataclasses.dataclass
@@ -135,11 +141,14 @@ def _from_aten(node: fx.Node) -> ConvSite:
 
 
 def _transposed_function(node: fx.Node) -> ConvSite:
+    bound = _TRANSPOSED_SIGNATURE.bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
     rank = FUNCTIONAL_TRANSPOSED[node.target]
-    args = dict(zip(("input", "weight"), node.args), **node.kwargs)
-    return ConvSite(node=node, name=node.name, form="function", rank=rank, input=args["input"],
-                    weight=args["weight"], bias=None, stride=[1] * rank, padding=[0] * rank,
-                    dilation=[1] * rank, groups=1, transposed=True)
+    return ConvSite(node=node, name=node.name, form="function", rank=rank, input=a["input"],
+                    weight=a["weight"], bias=a["bias"], stride=expand(a["stride"], rank),
+                    padding=expand(a["padding"], rank), dilation=expand(a["dilation"], rank),
+                    groups=a["groups"], transposed=True)
 
 
 def conv_site(gm: fx.GraphModule, node: fx.Node) -> Optional[ConvSite]:

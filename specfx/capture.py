@@ -4,13 +4,16 @@
 tree, so the optimized module's ``state_dict`` matches the original's. Models it cannot
 trace (data-dependent Python control flow, as in most Hugging Face models) go to
 ``torch.export``, whose ATen-level graph carries each op's source module in
-``nn_module_stack``.
+``nn_module_stack``. Export leaves the batch dimension free (where the example's is > 1
+and the model allows it) and fixes the other sizes; a call that breaks its input guards
+raises a ``ValueError`` saying to optimize again.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+import dataclasses
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.fx as fx
@@ -57,15 +60,86 @@ def _keep_module_tree(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
     return gm
 
 
+@dataclasses.dataclass(frozen=True)
+class _NonPersistentBuffers:
+    """Deep-copy hook of a captured module: ``GraphModule.__deepcopy__`` re-registers every
+    root buffer as persistent, so a copy's ``state_dict`` would gain the original's
+    non-persistent buffers. (A class, not a closure, so the module still pickles.)"""
+
+    names: frozenset[str]
+
+    def __call__(self, copied: fx.GraphModule) -> None:
+        copied._non_persistent_buffers_set.update(name for name in self.names if name in copied._buffers)
+
+
+def _keep_buffers_non_persistent_on_copy(gm: fx.GraphModule) -> None:
+    if gm._non_persistent_buffers_set:
+        gm._register_deepcopy_hook(_NonPersistentBuffers(frozenset(gm._non_persistent_buffers_set)))
+
+
+class _Tracer(fx.Tracer):
+    """``symbolic_trace``'s tracer, keeping the input guards of a module captured by export
+    (being optimized again) as one call, so that they still explain themselves."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, InputGuards) or super().is_leaf_module(m, module_qualified_name)
+
+
 def _symbolic_trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
-    gm = _keep_module_tree(fx.symbolic_trace(model), model)
+    tracer = _Tracer()
+    graph = tracer.trace(model)
+    gm = _keep_module_tree(fx.GraphModule(tracer.root, graph, type(model).__name__), model)
     with preserved_state(gm), torch.no_grad():
         ShapeProp(gm).propagate(*example_inputs)
     return gm
 
 
+def _batch_dynamic_shapes(example_inputs: tuple) -> tuple:
+    """``dynamic_shapes`` for ``torch.export`` that leave the leading (batch) dim of each
+    tensor input free, as a ``call_module`` graph does. ``Dim.AUTO`` lets export
+    specialize it where the model needs a fixed size (e.g. the channels of an unbatched
+    input). Size-1 dims stay static: export specializes them anyway, with a warning."""
+    return tuple({0: torch.export.Dim.AUTO}
+                 if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] > 1 else None
+                 for x in example_inputs)
+
+
+class InputGuards(nn.Module):
+    """Wraps the input guards ``torch.export`` puts at the top of its graph: a call with
+    inputs the graph was not captured for (another spatial size) raises a ``ValueError``
+    that says what to do, instead of a bare ``AssertionError: Guard failed``."""
+
+    _is_impure = True  # called for its checks only: dead-code elimination must keep it
+
+    def __init__(self, guards: nn.Module, captured_for: str) -> None:
+        super().__init__()
+        self.guards = guards
+        self.captured_for = captured_for
+
+    def forward(self, *args: Any) -> Any:
+        try:
+            return self.guards(*args)
+        except AssertionError as err:
+            got = ", ".join(f"Tensor{tuple(a.shape)}" if isinstance(a, torch.Tensor) else type(a).__name__
+                            for a in args)
+            raise ValueError(
+                f"specfx: this module was captured with torch.export for inputs like "
+                f"({self.captured_for}) and cannot run on ({got}): {_first_line(err)}; run "
+                f"specfx.optimize again with an example input of that size") from err
+
+
 def _export(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
-    return torch.export.export(model, example_inputs).module()
+    try:
+        program = torch.export.export(model, example_inputs, dynamic_shapes=_batch_dynamic_shapes(example_inputs))
+    except Exception:  # a model that cannot take a free batch size may still export as is
+        program = torch.export.export(model, example_inputs)
+    gm = program.module()
+    guards = getattr(gm, "_guards_fn", None)
+    if isinstance(guards, nn.Module):
+        captured_for = ", ".join(f"Tensor{tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+                                 for x in example_inputs)
+        gm._guards_fn = InputGuards(guards, captured_for)
+    return gm
 
 
 _CAPTURE: dict[str, Callable[[nn.Module, tuple], fx.GraphModule]] = {
@@ -74,20 +148,31 @@ _CAPTURE: dict[str, Callable[[nn.Module, tuple], fx.GraphModule]] = {
 }
 
 
-def capture(model: nn.Module, example_inputs: tuple, frontend: str = "auto") -> tuple[fx.GraphModule, str]:
+def capture(model: nn.Module, example_inputs: tuple, frontend: str = "auto",
+            notes: Optional[list[str]] = None) -> tuple[fx.GraphModule, str]:
     """Capture ``model`` (which the caller owns: it may be shared with the result) with
     the first front end that works, or the one named. Returns the graph and the name of
-    the front end used; raises :class:`CaptureError` listing each failure."""
-    if frontend != "auto" and frontend not in FRONTENDS:
-        raise ValueError(f"frontend must be 'auto' or one of {FRONTENDS}, got {frontend!r}")
+    the front end used; raises :class:`CaptureError` listing each failure. When a front
+    end fails and a later one succeeds, the failure is appended to ``notes``."""
+    check_frontend(frontend)
     names = FRONTENDS if frontend == "auto" else (frontend,)
     failures: list[str] = []
     for name in names:
         try:
-            return _CAPTURE[name](model, example_inputs), name
+            gm = _CAPTURE[name](model, example_inputs)
         except Exception as err:  # each front end fails in its own ways; all are reported
             failures.append(f"{name}: {type(err).__name__}: {_first_line(err)}")
+            continue
+        if notes is not None:
+            notes.extend(f"{failure} (fell back to {name})" for failure in failures)
+        _keep_buffers_non_persistent_on_copy(gm)
+        return gm, name
     raise CaptureError(f"could not capture {type(model).__name__} as an fx graph:\n  " + "\n  ".join(failures))
+
+
+def check_frontend(frontend: str) -> None:
+    if frontend != "auto" and frontend not in FRONTENDS:
+        raise ValueError(f"frontend must be 'auto' or one of {FRONTENDS}, got {frontend!r}")
 
 
 def _first_line(err: BaseException) -> str:

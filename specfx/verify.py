@@ -8,6 +8,7 @@ allows.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterator, Optional
 
 import torch
@@ -28,6 +29,12 @@ DEFAULT_TOLERANCE = {
     torch.float16: 1e-2,
     torch.bfloat16: 5e-2,
 }
+
+
+def check_tolerance(tolerance: Optional[float]) -> None:
+    """A tolerance override must be a number ≥ 0 (0 accepts only exact results)."""
+    if tolerance is not None and not (isinstance(tolerance, (int, float)) and tolerance >= 0):
+        raise ValueError(f"verify_tol must be None or a number >= 0, got {tolerance!r}")
 
 
 def tolerance_for(dtype: torch.dtype, override: Optional[float]) -> float:
@@ -60,13 +67,20 @@ def _tensor_pairs(actual: Any, expected: Any) -> Iterator[tuple[torch.Tensor, to
             yield a, e
 
 
+def _excess(err: float, tol: float) -> float:
+    """How many tolerances ``err`` is (a zero tolerance admits only exact results)."""
+    if tol > 0:
+        return err / tol
+    return math.inf if err > 0 else 0.0
+
+
 def _check(actual: Any, expected: Any, override: Optional[float]) -> tuple[float, float, bool]:
     """Worst scaled error, its tolerance, and whether every tensor is within its own."""
     worst, worst_tol, ok = 0.0, tolerance_for(torch.float32, override), True
     for a, e in _tensor_pairs(actual, expected):
         err, tol = scaled_error(a, e), tolerance_for(e.dtype, override)
         ok &= err <= tol
-        if err / tol >= worst / worst_tol:
+        if _excess(err, tol) >= _excess(worst, worst_tol):
             worst, worst_tol = err, tol
     return worst, worst_tol, ok
 
@@ -79,6 +93,7 @@ def verify(reference: fx.GraphModule, optimized: fx.GraphModule, example_inputs:
     again node by node and :class:`VerificationError` names the first node of the
     optimized graph whose value diverges from its counterpart.
     """
+    check_tolerance(tolerance)
     with preserved_state(optimized), torch.no_grad():
         expected = reference(*example_inputs)
     with preserved_state(optimized), torch.no_grad():
