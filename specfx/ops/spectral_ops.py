@@ -76,7 +76,9 @@ def spectral_mix(x_hat: torch.Tensor, weight: torch.Tensor, fft_size: list[int],
     kernel ``weight`` (a conv weight, ``(C_out, C_in/groups, *k)``), placed on the grid
     with ``dilation`` and shifted left by ``shift`` (the conv's left padding)."""
     laid = _laid_weight(x_hat, weight, fft_size, dilation, shift, groups)
-    return contraction.mix(x_hat, laid, groups, len(fft_size))
+    # The GEMM path's result is a permuted view (e.g. strides (4, 1, 24, 4) for one image
+    # and one group); the fake impl, and so every traced graph, promises a contiguous one.
+    return contraction.mix(x_hat, laid, groups, len(fft_size)).contiguous()
 
 
 @spectral_mix.register_fake

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import fourier
@@ -54,9 +55,12 @@ def weight_spectrum(w: torch.Tensor, fft_size: Sequence[int], dilation: Sequence
     """Conjugate spectrum of the placed kernel, shape ``(C_out, C_in/groups, *bins)``.
 
     The conjugate turns the pointwise product into a correlation, as torch's convs are.
+    It is materialized, not a lazy conj view: a custom op's kernel called under a
+    ``TorchDispatchMode`` (AOTAutograd runs the first call of every compiled graph under
+    one) runs with the ``Conjugate`` dispatch key excluded, so ops there ignore the conj bit.
     """
     real = fourier.real_dtype_for(w.dtype)
-    return fourier.rfftn(place_kernel(w.to(real), fft_size, dilation, shift), fft_size).conj()
+    return fourier.rfftn(place_kernel(w.to(real), fft_size, dilation, shift), fft_size).conj_physical()
 
 
 def weight_spectrum_adjoint(grad: torch.Tensor, w: torch.Tensor, fft_size: Sequence[int],
@@ -72,13 +76,21 @@ class SpectrumCache:
 
     An entry is reused only while the weight tensor is the same object, at the same
     autograd version (every in-place update — an optimizer step, ``load_state_dict`` —
-    bumps it) and over the same storage (``param.data = ...`` swaps it). Tensors that
+    bumps it), over the same storage, offset, shape and strides (``param.data = ...``
+    swaps them but keeps the version), and — while :attr:`verify_contents` is on, the
+    default — with the same values. The storage is identified by a weak reference, not by
+    its address: after ``param.data`` is swapped twice, the new storage can sit at the
+    address the cached one had. The values are compared because writes through
+    ``param.data`` (``param.data.copy_(...)``, and ``torch.autograd.gradcheck``'s own
+    perturbations) bump no version of ``param``; the comparison costs one pass over the
+    kernel (far smaller than its spectrum) and, on a GPU, a device sync. Tensors that
     carry no version (inference tensors, tensors being traced) are never cached. Entries
     die with their weight.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, verify_contents: bool = True) -> None:
         self._entries: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.verify_contents = verify_contents
         self.hits = 0
         self.misses = 0
 
@@ -90,16 +102,29 @@ class SpectrumCache:
         if w.is_inference() or not _is_plain_tensor(w):
             return layout(weight_spectrum(w, fft_size, dilation, shift), groups)
         geometry = (tuple(fft_size), tuple(dilation), tuple(shift), groups, layout)
-        stamp = (w._version, w.data_ptr(), w.dtype, w.device)
+        stamp = (w._version, w.data_ptr(), w.dtype, w.device, tuple(w.shape), w.stride(),
+                 w.storage_offset())
+        storage = StorageWeakRef(w.untyped_storage())
         per_weight = self._entries.setdefault(w, {})
         cached = per_weight.get(geometry)
-        if cached is not None and cached[0] == stamp:
+        if cached is not None and self._still_valid(cached, stamp, storage, w):
             self.hits += 1
-            return cached[1]
+            return cached[3]
         self.misses += 1
         spectrum = layout(weight_spectrum(w, fft_size, dilation, shift), groups)
-        per_weight[geometry] = (stamp, spectrum)
+        contents = w.detach().clone() if self.verify_contents else None
+        per_weight[geometry] = (stamp, storage, contents, spectrum)
         return spectrum
+
+    def _still_valid(self, cached, stamp, storage, w: torch.Tensor) -> bool:
+        cached_stamp, cached_storage, contents, _ = cached
+        # A live weak reference pins the storage object, so equal references mean the
+        # same storage; an expired one means the cached storage is gone.
+        if cached_stamp != stamp or cached_storage.expired() or cached_storage != storage:
+            return False
+        if self.verify_contents:
+            return contents is not None and torch.equal(w.detach(), contents)
+        return True
 
     def clear(self) -> None:
         """Forget every cached spectrum."""
