@@ -65,6 +65,11 @@ def _plan(gm: fx.GraphModule, site: ConvSite, ctx: PassContext) -> tuple[ConvDec
         return keep(f"dtype {dtype} is not supported by the spectral ops")
     if len(in_shape) not in (site.rank + 1, site.rank + 2):
         return keep(f"input has {len(in_shape)} dims; a {site.rank}d conv takes {site.rank + 1} or {site.rank + 2}")
+    if not all(isinstance(d, int) for d in (*in_shape[-site.rank - 1:], *w_shape)):
+        # Dynamo graphs under dynamic shapes carry SymInts; a grid planned from them would
+        # guard on (or mis-size) the sizes. A symbolic batch size is fine (costed by its hint).
+        return keep("dynamic spatial size: the FFT grid needs concrete channel and spatial sizes "
+                    "(compile with dynamic=False to lower each shape)")
     kernel = list(w_shape[2:])
     try:
         pads = resolve_padding(site.padding, kernel, site.dilation, site.stride)
@@ -93,7 +98,8 @@ def _plan(gm: fx.GraphModule, site: ConvSite, ctx: PassContext) -> tuple[ConvDec
     else:
         reason = "policy='always'"
     decision = ConvDecision(site.name, site.node.name, description, True, reason, cost)
-    return decision, ConvPlan(site.name, True, geometry, dtype)
+    out_info = tensor_info(site.node)  # the output dtype differs from the input's under autocast
+    return decision, ConvPlan(site.name, True, geometry, out_info[1] if out_info is not None else dtype)
 
 
 def plan_convs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:

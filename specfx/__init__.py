@@ -1,10 +1,15 @@
 """specfx: move the convolutions of a PyTorch model into the frequency domain, exactly.
 
-Importing specfx registers its spectral ops (``torch.ops.specfx.*``).
+Importing specfx registers its spectral ops (``torch.ops.specfx.*``): import it before
+running a graph that holds them, e.g. before ``torch.export.load`` of an exported
+:func:`optimize` result. ``torch.compile(model, backend="specfx")`` needs no import: the
+backend is found through the package's ``torch_dynamo_backends`` entry point, which imports
+specfx (and so registers the ops) when the backend is first looked up.
 """
 
 from . import ops
 from .api import explain, optimize
+from .backend import compiled_reports
 from .cost_model import CostProfile
 from .diff import GraphDiff, diff, diff_passes
 from .errors import CaptureError, ExampleInputError, SpecfxError, VerificationError
@@ -13,7 +18,7 @@ from .report import ConvDecision, Report
 
 __all__ = [
     "optimize", "explain", "diff", "diff_passes", "GraphDiff", "spectral_conv", "Report", "ConvDecision",
-    "CostProfile",
+    "CostProfile", "compiled_reports",
     "SpecfxError", "CaptureError", "ExampleInputError", "VerificationError",
 ]
 __version__ = "0.1.0"

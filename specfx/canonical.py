@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 from typing import Any, Optional, Union
 
 import torch
@@ -172,14 +173,18 @@ def conv_site(gm: fx.GraphModule, node: fx.Node) -> Optional[ConvSite]:
     return site
 
 
+_DYNAMO_ROOT = re.compile(r"^L\['[^']*'\]\.?")  # "L['self'].block.conv" -> "block.conv"
+
+
 def source_name(node: fx.Node) -> str:
     """The qualified name of the module a node came from (``nn_module_stack`` meta, as
-    export and tracing record it), or the node's own name when it came from the root."""
+    export and tracing record it; Dynamo's paths lose their ``L['self'].`` root), or the
+    node's own name when it came from the root."""
     if node.op == "call_module":
         return str(node.target)
     stack = node.meta.get("nn_module_stack")
     if stack:
-        path = list(stack.values())[-1][0]
+        path = _DYNAMO_ROOT.sub("", list(stack.values())[-1][0])
         if path:
             return path
     return node.name
@@ -219,12 +224,15 @@ TensorInfo = tuple[torch.Size, torch.dtype]
 
 
 def tensor_info(node: Any) -> Optional[TensorInfo]:
-    """Shape and dtype of a node's value, from shape-propagation or fake-tensor meta."""
+    """Shape and dtype of a node's value, from shape-propagation or fake-tensor meta
+    (``"val"`` in export and AOT graphs, ``"example_value"`` in Dynamo graphs). Under
+    dynamic shapes the sizes may be ``torch.SymInt``."""
     if not isinstance(node, fx.Node):
         return None
-    val = node.meta.get("val")
-    if isinstance(val, torch.Tensor):
-        return val.shape, val.dtype
+    for key in ("val", "example_value"):
+        val = node.meta.get(key)
+        if isinstance(val, torch.Tensor):
+            return val.shape, val.dtype
     meta = node.meta.get("tensor_meta")
     if meta is not None and hasattr(meta, "shape"):
         return meta.shape, meta.dtype
