@@ -17,8 +17,9 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from specfx import node_meta
 from specfx.canonical import ConvSite, find_conv_sites, tensor_info, weight_value
-from specfx.cost_model import SMALL_DENSE_KERNEL, ConvShape, estimate
+from specfx.cost_model import SMALL_DENSE_KERNEL, SMALL_DENSE_MARGIN, ConvCost, ConvShape, estimate
 from specfx.geometry import SpectralGeometry, plan_geometry, resolve_padding
+from specfx.measure import Progress, measure_conv
 from specfx.pipeline import PassContext
 from specfx.report import ConvDecision
 
@@ -44,6 +45,19 @@ def _describe(site: ConvSite, in_shape, w_shape, dtype) -> str:
     groups = "" if site.groups == 1 else (" depthwise" if w_shape is not None and w_shape[1] == 1 else f" groups={site.groups}")
     shape = f"input {tuple(in_shape)} {str(dtype).replace('torch.', '')}" if in_shape is not None else "input shape unknown"
     return f"{kind} {channels} k={kernel}{groups}, padding={site.padding!r} {site.padding_mode}, {shape}"
+
+
+def _measure(gm: fx.GraphModule, site: ConvSite, in_shape, dtype, w_shape, pads,
+             geometry: SpectralGeometry, cost: ConvCost) -> ConvCost:
+    """``cost`` with both paths timed on the conv's real shapes (and real weight where
+    the module holds it; a weight computed in the graph is timed as a random one)."""
+    weight = weight_value(gm, site)
+    if weight is None:
+        weight = torch.randn(w_shape, dtype=dtype)
+    bias = None if site.bias is None else torch.zeros(w_shape[0], dtype=weight.dtype)
+    direct_ms, fft_ms = measure_conv(tuple(in_shape), dtype, weight, bias, site.stride, pads,
+                                     site.dilation, site.groups, site.padding_mode, geometry)
+    return dataclasses.replace(cost, measured_direct_ms=direct_ms, measured_fft_ms=fft_ms)
 
 
 def _plan(gm: fx.GraphModule, site: ConvSite, ctx: PassContext) -> tuple[ConvDecision, ConvPlan]:
@@ -89,9 +103,16 @@ def _plan(gm: fx.GraphModule, site: ConvSite, ctx: PassContext) -> tuple[ConvDec
     policy = ctx.settings.policy
     if policy == "never":
         return keep("policy='never'", cost)
-    if policy == "auto":
-        if not shape.depthwise and max(kernel) <= SMALL_DENSE_KERNEL:
-            return keep(f"dense kernel ≤ {SMALL_DENSE_KERNEL}: direct conv libraries are faster there", cost)
+    if policy == "measure":
+        cost = _measure(gm, site, in_shape, dtype, w_shape, pads, geometry, cost)
+        direct_ms, fft_ms = cost.measured_direct_ms, cost.measured_fft_ms
+        if fft_ms >= direct_ms:
+            return keep(f"direct conv measured faster ({direct_ms:.3g} ms vs {fft_ms:.3g} ms)", cost)
+        reason = f"FFT measured {direct_ms / fft_ms:.1f}x faster ({fft_ms:.3g} ms vs {direct_ms:.3g} ms)"
+    elif policy == "auto":
+        if not shape.depthwise and max(kernel) <= SMALL_DENSE_KERNEL and cost.speedup < SMALL_DENSE_MARGIN:
+            return keep(f"dense kernel ≤ {SMALL_DENSE_KERNEL}: direct conv libraries are faster there "
+                        f"(the FFT would need to be estimated ≥ {SMALL_DENSE_MARGIN:g}x faster)", cost)
         if cost.fft_ms >= cost.direct_ms:
             return keep(f"direct conv estimated faster ({cost.fft_ms / cost.direct_ms:.2f}x the FFT's time)", cost)
         reason = f"FFT estimated {cost.speedup:.1f}x faster"
@@ -103,8 +124,14 @@ def _plan(gm: fx.GraphModule, site: ConvSite, ctx: PassContext) -> tuple[ConvDec
 
 
 def plan_convs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    for site in find_conv_sites(gm):
+    sites = find_conv_sites(gm)
+    progress = Progress(len(sites), "specfx: timing convs") if ctx.settings.policy == "measure" else None
+    for done, site in enumerate(sites, 1):
         decision, plan = _plan(gm, site, ctx)
         site.node.meta[node_meta.PLAN] = plan
         ctx.report.decisions.append(decision)
+        if progress is not None:
+            progress.update(done, site.name)
+    if progress is not None:
+        progress.close()
     return PassResult(gm, False)

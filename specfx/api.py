@@ -10,7 +10,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .capture import capture, check_frontend, run_module
-from .cost_model import DEFAULT_PROFILE, CostProfile
+from .cost_model import CostProfile
 from .errors import ExampleInputError
 from .pipeline import PassContext, Settings, run_pipeline
 from .report import Report
@@ -59,7 +59,7 @@ def _snapshot(gm: fx.GraphModule) -> fx.GraphModule:
 
 def optimize(model: nn.Module, example_inputs: ExampleInputs, *, policy: str = "auto",
              verify: bool = True, verify_tol: Optional[float] = None, frontend: str = "auto",
-             profile: CostProfile = DEFAULT_PROFILE) -> fx.GraphModule:
+             profile: Optional[CostProfile] = None) -> fx.GraphModule:
     """Rewrite the convolutions of ``model`` that are cheaper as FFT convolutions.
 
     Args:
@@ -68,15 +68,17 @@ def optimize(model: nn.Module, example_inputs: ExampleInputs, *, policy: str = "
             by these: a lowered conv raises ``ValueError`` if called with another spatial
             size. The batch size may change (through the ``export`` front end only when
             the example's batch size is > 1: export fixes size-1 dimensions).
-        policy: ``"auto"`` (the cost model decides per conv), ``"always"`` (lower every
-            conv that can be lowered) or ``"never"`` (rewrite nothing; report only).
+        policy: ``"auto"`` (the cost model decides per conv), ``"measure"`` (time both
+            paths of each conv on its real shapes, and keep the faster), ``"always"``
+            (lower every conv that can be lowered) or ``"never"`` (rewrite nothing).
         verify: run the original and the optimized module on ``example_inputs`` and raise
             :class:`specfx.VerificationError`, naming the first diverging node, if they
             differ beyond tolerance.
         verify_tol: error accepted, relative to each output's largest magnitude
             (default per dtype: fp64 1e-10, fp32 1e-4, fp16 1e-2, bf16 5e-2).
         frontend: ``"auto"`` (``symbolic_trace``, then ``export``), or one of them.
-        profile: the rates the cost model uses.
+        profile: the rates the cost model uses; by default the profile written by
+            ``python -m specfx.calibrate`` on this machine, else built-in defaults.
 
     Returns:
         An ``fx.GraphModule`` with the original's ``state_dict`` keys, and the report of
@@ -99,7 +101,7 @@ def optimize(model: nn.Module, example_inputs: ExampleInputs, *, policy: str = "
 
 
 def explain(model: nn.Module, example_inputs: ExampleInputs, *, policy: str = "auto",
-            frontend: str = "auto", profile: CostProfile = DEFAULT_PROFILE) -> Report:
+            frontend: str = "auto", profile: Optional[CostProfile] = None) -> Report:
     """The report :func:`optimize` would produce, without rewriting anything."""
     from specfx.passes import PIPELINE
 

@@ -9,26 +9,70 @@ ones keep a fast kernel), FFTs and complex GEMMs run at a fraction of peak.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+from pathlib import Path
+from typing import Optional, Union
 
 from .geometry import SpectralGeometry
+from .ops import contraction
 
-# Kernels this small are what direct conv libraries are tuned for; the FFT's fixed costs
-# (two transforms, complex arithmetic) never pay back there.
+# Kernels this small are what direct conv libraries are tuned for; policy="auto" lowers
+# them only when the FFT is estimated to win by a wide margin (a 'valid' conv on a small
+# map, where the grid is no larger than the map), never on a close call.
 SMALL_DENSE_KERNEL = 7
+SMALL_DENSE_MARGIN = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
 class CostProfile:
-    """Sustained rates of the kernels each path runs on, in GFLOP/s or GB/s."""
+    """Sustained rates of the kernels each path runs on, in GFLOP/s or GB/s.
 
-    dense_direct_gflops: float = 150.0
-    depthwise_direct_gflops: float = 4.5
-    depthwise_channels_last_gflops: float = 55.0
-    fft_gflops: float = 25.0
-    complex_gemm_gflops: float = 100.0
-    memory_gbps: float = 20.0
-    per_op_overhead_ms: float = 0.02
+    Depthwise direct convs run on a fast kernel up to ``depthwise_fast_max_kernel`` and on
+    a slow path above it (oneDNN's cliff: k ≤ 9 here, k ≤ 13 on other CPUs); channels-last
+    inputs keep a fast kernel at every size.
+    """
+
+    dense_direct_gflops: float = 160.0
+    depthwise_fast_gflops: float = 30.0
+    depthwise_fast_max_kernel: int = 9
+    depthwise_slow_gflops: float = 4.7
+    depthwise_channels_last_gflops: float = 60.0
+    fft_gflops: float = 27.0
+    inverse_fft_gflops: float = 20.0
+    complex_gemm_gflops: float = 64.0
+    memory_gbps: float = 34.0
+    per_op_overhead_ms: float = 0.06
+
+    def save(self, path: Union[str, Path, None] = None) -> Path:
+        """Write the profile as JSON (to :func:`default_profile_path` by default)."""
+        target = Path(path) if path is not None else default_profile_path()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(dataclasses.asdict(self), indent=1))
+        return target
+
+    @classmethod
+    def load(cls, path: Union[str, Path, None] = None) -> "CostProfile":
+        """The profile saved at ``path`` (or the default path); the built-in defaults when
+        no file is there. Unknown keys in the file are an error, not silently dropped."""
+        source = Path(path) if path is not None else default_profile_path()
+        if not source.is_file():
+            if path is not None:
+                raise FileNotFoundError(f"no cost profile at {source}")
+            return cls()
+        values = json.loads(source.read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"cost profile {source} has unknown keys {sorted(unknown)}")
+        return cls(**values)
+
+
+def default_profile_path() -> Path:
+    """``$SPECFX_PROFILE``, else ``~/.cache/specfx/profile.json``."""
+    env = os.environ.get("SPECFX_PROFILE")
+    return Path(env) if env else Path.home() / ".cache" / "specfx" / "profile.json"
 
 
 DEFAULT_PROFILE = CostProfile()
@@ -65,14 +109,19 @@ class ConvCost:
     direct_ms: float
     fft_ms: float
     fft_size: tuple[int, ...]
+    measured_direct_ms: Optional[float] = None
+    measured_fft_ms: Optional[float] = None
 
     @property
     def speedup(self) -> float:
         return self.direct_ms / self.fft_ms if self.fft_ms > 0 else math.inf
 
     def summary(self) -> str:
-        return (f"direct {self.direct_gflop:.3g} GFLOP ~{self.direct_ms:.3g} ms, "
+        text = (f"direct {self.direct_gflop:.3g} GFLOP ~{self.direct_ms:.3g} ms, "
                 f"fft {self.fft_gflop:.3g} GFLOP ~{self.fft_ms:.3g} ms at {'x'.join(map(str, self.fft_size))}")
+        if self.measured_direct_ms is not None:
+            text += f"; measured direct {self.measured_direct_ms:.3g} ms, fft {self.measured_fft_ms:.3g} ms"
+        return text
 
 
 def _transform_flop(size: tuple[int, ...]) -> float:
@@ -81,27 +130,54 @@ def _transform_flop(size: tuple[int, ...]) -> float:
     return 2.5 * n * math.log2(max(n, 2))
 
 
+def _direct_rate(shape: ConvShape, profile: CostProfile) -> float:
+    if not shape.depthwise:
+        return profile.dense_direct_gflops
+    if shape.channels_last:
+        return profile.depthwise_channels_last_gflops
+    if max(shape.kernel_size) <= profile.depthwise_fast_max_kernel:
+        return profile.depthwise_fast_gflops
+    return profile.depthwise_slow_gflops
+
+
+def _mix_ms(shape: ConvShape, bins: int, profile: CostProfile) -> tuple[float, float]:
+    """FLOPs and time of the channel contraction, on the path the op will take.
+
+    Accumulate: one pass over the output spectrum per input channel of a group
+    (memory-bound). GEMM: small per-frequency matrices run far below the GEMM's peak
+    (efficiency ~ sqrt(m·k·n / 32768), from measured rates), the spectra are transposed
+    in and out, and each weight spectrum is read once.
+    """
+    b, cin, cout, g = shape.batch, shape.in_channels, shape.out_channels, shape.groups
+    cin_g, cout_g = cin // g, cout // g
+    complex_bytes = 2 * max(shape.element_bytes, 4)
+    flop = 8.0 * b * cin_g * cout * bins
+    if contraction.choose_path(cin_g, b) == contraction.ACCUMULATE:
+        passes = 2 * cin_g * b * cout * bins + b * cin * bins + cout * cin_g * bins
+        return flop, passes * complex_bytes / profile.memory_gbps / 1e6
+    efficiency = max(0.1, min(1.0, math.sqrt(b * cin_g * cout_g / 32768)))
+    compute_ms = flop / (profile.complex_gemm_gflops * efficiency) / 1e6
+    weight_ms = cout * cin_g * bins * complex_bytes / profile.memory_gbps / 1e6
+    transpose_ms = 2 * b * (cin + cout) * bins * complex_bytes / profile.memory_gbps / 1e6
+    return flop, max(compute_ms, weight_ms) + transpose_ms
+
+
 def estimate(shape: ConvShape, geometry: SpectralGeometry, profile: CostProfile = DEFAULT_PROFILE) -> ConvCost:
     """FLOPs and estimated milliseconds of the direct conv and of its FFT lowering
     (weight spectra excluded: they are cached across calls)."""
     b, cin, cout, g = shape.batch, shape.in_channels, shape.out_channels, shape.groups
     out_points = math.prod(shape.out_size)
     direct_flop = 2.0 * b * cout * (cin // g) * shape.kernel_volume * out_points
-    if shape.depthwise:
-        rate = profile.depthwise_channels_last_gflops if shape.channels_last else profile.depthwise_direct_gflops
-    else:
-        rate = profile.dense_direct_gflops
-    direct_ms = direct_flop / rate / 1e6
+    direct_ms = direct_flop / _direct_rate(shape, profile) / 1e6
 
     bins = math.prod(geometry.fft_size[:-1]) * (geometry.fft_size[-1] // 2 + 1)
-    transform_flop = (b * cin + b * cout) * _transform_flop(geometry.fft_size)
-    complex_bytes = 2 * max(shape.element_bytes, 4)
-    if shape.depthwise:
-        mix_flop = 6.0 * b * cout * bins
-        mix_ms = (b * cin + cout + b * cout) * bins * complex_bytes / profile.memory_gbps / 1e6
-    else:
-        mix_flop = 8.0 * b * (cin // g) * cout * bins
-        mix_ms = mix_flop / profile.complex_gemm_gflops / 1e6
-    fft_ms = transform_flop / profile.fft_gflops / 1e6 + mix_ms + 3 * profile.per_op_overhead_ms
+    forward_flop = b * cin * _transform_flop(geometry.fft_size)
+    inverse_flop = b * cout * _transform_flop(geometry.fft_size)
+    transform_flop = forward_flop + inverse_flop
+    mix_flop, mix_ms = _mix_ms(shape, bins, profile)
+    transform_ms = (forward_flop / profile.fft_gflops + inverse_flop / profile.inverse_fft_gflops) / 1e6
+    # Zero-padding the input onto the grid, and cropping the output off it (plus bias).
+    copy_bytes = (b * cin * math.prod(geometry.fft_size) + 2 * b * cout * out_points) * max(shape.element_bytes, 4)
+    fft_ms = transform_ms + mix_ms + copy_bytes / profile.memory_gbps / 1e6 + 3 * profile.per_op_overhead_ms
     return ConvCost(direct_gflop=direct_flop / 1e9, fft_gflop=(transform_flop + mix_flop) / 1e9,
                     direct_ms=direct_ms, fft_ms=fft_ms, fft_size=geometry.fft_size)

@@ -9,27 +9,30 @@ pass's effect can be inspected.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Optional
 
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from .cost_model import DEFAULT_PROFILE, CostProfile
+from .cost_model import CostProfile
 from .report import PassRecord, Report
 
-POLICIES = ("auto", "always", "never")
+POLICIES = ("auto", "measure", "always", "never")
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """What the user asked for."""
+    """What the user asked for. ``profile=None`` means the machine's calibrated profile
+    (``python -m specfx.calibrate``), or the built-in defaults when there is none."""
 
     policy: str = "auto"
-    profile: CostProfile = DEFAULT_PROFILE
+    profile: Optional[CostProfile] = None
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.profile is None:
+            object.__setattr__(self, "profile", CostProfile.load())
 
 
 @dataclasses.dataclass

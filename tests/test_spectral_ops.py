@@ -356,21 +356,27 @@ def reference_mix(x_hat, w_hat, groups):
     return torch.stack(outputs, dim=1)
 
 
-@pytest.mark.parametrize("c_in,c_out,groups,depthwise", [
-    (3, 6, 3, True),   # depthwise, channel multiplier 2
-    (4, 4, 4, True),   # depthwise, multiplier 1
-    (4, 6, 2, False),  # grouped
-    (3, 5, 1, False),  # dense
+@pytest.mark.parametrize("c_in,c_out,groups,batch,path", [
+    (3, 6, 3, 2, "accumulate"),   # depthwise, channel multiplier 2
+    (4, 4, 4, 8, "accumulate"),   # depthwise, multiplier 1: elementwise at any batch
+    (4, 6, 2, 2, "accumulate"),   # grouped, few channels per group
+    (3, 5, 1, 2, "accumulate"),   # dense, few input channels
+    (24, 6, 1, 2, "gemm"),        # dense, many input channels
+    (48, 8, 2, 4, "gemm"),        # grouped, many input channels per group
 ])
-def test_depthwise_contraction_is_an_elementwise_product(c_in, c_out, groups, depthwise):
+def test_contraction_paths(c_in, c_out, groups, batch, path):
+    """Depthwise convs are one elementwise product (no GEMM); wide contractions are one
+    batched GEMM; both equal the contraction written out directly."""
     torch.manual_seed(0)
     bins = (5, 3)
-    x_hat = torch.randn(2, c_in, *bins, dtype=torch.complex64)
+    assert contraction.choose_path(c_in // groups, batch) == path
+    x_hat = torch.randn(batch, c_in, *bins, dtype=torch.complex64)
     w_hat = torch.randn(c_out, c_in // groups, *bins, dtype=torch.complex64)
-    laid = contraction.layout_weight(w_hat, groups)
-    assert laid.dim() == (3 if depthwise else 4)
+    laid = contraction.LAYOUTS[path](w_hat, groups)
 
     with CallRecorder() as recorder:
-        y = contraction.mix(x_hat, laid, groups, len(bins))
-    assert ("matmul" in recorder.called) != depthwise
+        y = contraction.mix(x_hat, laid, groups, len(bins), path)
+    assert ("bmm" in recorder.called) == (path == "gemm")
+    if c_in == groups:
+        assert recorder.called.isdisjoint({"bmm", "matmul", "addcmul_"})
     assert_scaled_close(torch.view_as_real(y), torch.view_as_real(reference_mix(x_hat, w_hat, groups)))

@@ -15,6 +15,7 @@ in fp32 and the result is cast back in ``from_spectrum``.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -25,6 +26,18 @@ from .weight_spectrum import SPECTRUM_CACHE, weight_spectrum_adjoint
 
 def _complex_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.complex128 if fourier.real_dtype_for(dtype) == torch.float64 else torch.complex64
+
+
+# Transforms run over blocks of (batch x channel) rows, so that their temporaries (the
+# zero-padded input, the inverse transform's copy of its input, its full-grid output)
+# stay a few MiB instead of growing with the whole tensor: a lowered conv's peak memory is
+# then its two spectra and its output.
+_BLOCK_BYTES = 4 << 20
+
+
+def _row_blocks(rows: int, fft_size: list[int], element_bytes: int) -> list[slice]:
+    step = max(1, _BLOCK_BYTES // (math.prod(fft_size) * element_bytes))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
 # --- to_spectrum -------------------------------------------------------------------------
@@ -38,7 +51,16 @@ def to_spectrum(x: torch.Tensor, in_size: list[int], fft_size: list[int]) -> tor
         raise ValueError(
             f"specfx: this lowered convolution was planned for spatial size {list(in_size)} "
             f"but got {actual}; run specfx.optimize again with an example input of that size")
-    return fourier.rfftn(x.to(fourier.real_dtype_for(x.dtype)), fft_size)
+    real = fourier.real_dtype_for(x.dtype)
+    rank = len(fft_size)
+    rows = x.reshape(-1, *in_size)
+    blocks = _row_blocks(rows.shape[0], fft_size, real.itemsize)
+    if len(blocks) == 1:
+        return fourier.rfftn(x.to(real), fft_size)
+    out = torch.empty((rows.shape[0], *fourier.rfft_bins(fft_size)), dtype=_complex_dtype(real), device=x.device)
+    for block in blocks:
+        torch.fft.rfftn(rows[block].to(real), s=fft_size, dim=fourier.spatial_dims(rank), out=out[block])
+    return out.reshape(*x.shape[: x.dim() - rank], *out.shape[1:])
 
 
 @to_spectrum.register_fake
@@ -64,8 +86,12 @@ to_spectrum.register_autograd(_to_spectrum_backward, setup_context=_to_spectrum_
 
 # --- spectral_mix ------------------------------------------------------------------------
 
-def _laid_weight(x_hat, weight, fft_size, dilation, shift, groups) -> torch.Tensor:
-    laid = SPECTRUM_CACHE.get(weight, fft_size, dilation, shift, groups, contraction.layout_weight)
+def _batch(x_hat: torch.Tensor, spectral_rank: int) -> int:
+    return x_hat.shape[: x_hat.dim() - spectral_rank - 1].numel()
+
+
+def _laid_weight(x_hat, weight, fft_size, dilation, shift, groups, path) -> torch.Tensor:
+    laid = SPECTRUM_CACHE.get(weight, fft_size, dilation, shift, groups, contraction.LAYOUTS[path])
     return laid.to(x_hat.dtype)
 
 
@@ -75,10 +101,10 @@ def spectral_mix(x_hat: torch.Tensor, weight: torch.Tensor, fft_size: list[int],
     """Per-frequency channel contraction of ``x_hat`` with the spectrum of the spatial
     kernel ``weight`` (a conv weight, ``(C_out, C_in/groups, *k)``), placed on the grid
     with ``dilation`` and shifted left by ``shift`` (the conv's left padding)."""
-    laid = _laid_weight(x_hat, weight, fft_size, dilation, shift, groups)
-    # The GEMM path's result is a permuted view (e.g. strides (4, 1, 24, 4) for one image
-    # and one group); the fake impl, and so every traced graph, promises a contiguous one.
-    return contraction.mix(x_hat, laid, groups, len(fft_size)).contiguous()
+    rank = len(fft_size)
+    path = contraction.choose_path(weight.shape[1], _batch(x_hat, rank))
+    laid = _laid_weight(x_hat, weight, fft_size, dilation, shift, groups, path)
+    return contraction.mix(x_hat, laid, groups, rank, path)
 
 
 @spectral_mix.register_fake
@@ -100,8 +126,10 @@ def _spectral_mix_backward(ctx, grad):
     rank = len(fft_size)
     grad_x = grad_w = None
     if ctx.needs_input_grad[0]:
-        laid = _laid_weight(x_hat, weight, fft_size, dilation, shift, groups)
-        grad_x = contraction.mix_adjoint_input(grad, laid, groups, rank)
+        # The input gradient contracts over the output channels of each group.
+        path = contraction.choose_path(weight.shape[0] // groups, _batch(grad, rank))
+        laid = _laid_weight(x_hat, weight, fft_size, dilation, shift, groups, path)
+        grad_x = contraction.mix_adjoint_input(grad, laid, groups, rank, path)
     if ctx.needs_input_grad[1]:
         grad_w_hat = contraction.mix_adjoint_weight(x_hat, grad, groups, rank)
         grad_w = weight_spectrum_adjoint(grad_w_hat, weight, fft_size, dilation, shift)
@@ -152,10 +180,23 @@ def from_spectrum(y_hat: torch.Tensor, fft_size: list[int], out_size: list[int],
     """Inverse transform of ``y_hat`` at ``fft_size``, the conv's output positions
     (``out_size`` per axis, ``stride`` apart) cropped out, plus ``bias``, as ``out_dtype``."""
     rank = len(fft_size)
-    y = _crop(fourier.irfftn(y_hat, fft_size), out_size, stride, fft_size)
-    if bias is not None:
-        y = y + _channel_view(bias.to(y.dtype), rank)
-    return y.to(out_dtype).contiguous()
+    real = fourier.real_dtype_for(y_hat.dtype)
+    rows = y_hat.reshape(-1, *y_hat.shape[-rank:])
+    blocks = _row_blocks(rows.shape[0], fft_size, real.itemsize)
+    if len(blocks) == 1:
+        y = _crop(fourier.irfftn(y_hat, fft_size), out_size, stride, fft_size)
+        if bias is not None:
+            y = y + _channel_view(bias.to(real), rank)
+        return y.to(out_dtype).contiguous()
+    out = torch.empty((rows.shape[0], *out_size), dtype=out_dtype, device=y_hat.device)
+    # One bias per row: rows run over (batch, channel) with the channel fastest.
+    row_bias = None if bias is None else bias.to(real).repeat(rows.shape[0] // bias.numel())
+    for block in blocks:
+        y = _crop(fourier.irfftn(rows[block], fft_size), out_size, stride, fft_size)
+        if row_bias is not None:
+            y = y + _channel_view(row_bias[block], rank)
+        out[block] = y
+    return out.reshape(*y_hat.shape[: y_hat.dim() - rank], *out_size)
 
 
 @from_spectrum.register_fake

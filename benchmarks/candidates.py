@@ -1,0 +1,42 @@
+"""The implementations each benchmark case is run with."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+import specfx
+
+from suites import Case
+
+CANDIDATES = ("eager", "inductor", "fft_conv_pytorch", "specfx", "specfx_auto")
+
+
+def _fft_conv_pytorch(case: Case, module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    from fft_conv_pytorch import fft_conv
+
+    w, b = module.weight.detach(), module.bias.detach()
+    return lambda: fft_conv(x, w, b, padding=case.padding, groups=case.groups)
+
+
+def make_candidate(name: str, case: Case, module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    """A zero-argument callable running ``case`` with implementation ``name``."""
+    if name == "eager":
+        return lambda: module(x)
+    if name == "inductor":
+        compiled = torch.compile(module)
+        return lambda: compiled(x)
+    if name == "fft_conv_pytorch":
+        return _fft_conv_pytorch(case, module, x)
+    if name in ("specfx", "specfx_auto"):
+        fast = specfx.optimize(module, (x,), policy="always" if name == "specfx" else "auto")
+        return lambda: fast(x)
+    raise ValueError(f"unknown candidate {name!r}; expected one of {CANDIDATES}")
+
+
+def auto_choice(case: Case, module: nn.Module, x: torch.Tensor) -> str:
+    """What ``policy='auto'`` decided for the case's conv: 'fft' or 'direct'."""
+    report = specfx.explain(module, (x,))
+    return "fft" if report.lowered else "direct"

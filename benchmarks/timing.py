@@ -1,0 +1,68 @@
+"""Side-by-side timing and peak-memory measurement for the benchmarks.
+
+Candidates are timed in interleaved rounds (one call of each per round), so a burst of
+load on a shared machine hits all of them alike; the figure kept is the median.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import torch
+
+
+def interleaved_medians(candidates: dict[str, Callable[[], object]], rounds: int,
+                        warmup: int = 2) -> dict[str, float]:
+    """Median milliseconds per call of each candidate."""
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    with torch.no_grad():
+        for fn in candidates.values():
+            for _ in range(warmup):
+                fn()
+        for _ in range(rounds):
+            for name, fn in candidates.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+_PEAK_SCRIPT = r"""
+import json, sys, torch
+sys.path.insert(0, {bench_dir!r})
+from suites import SUITES
+from candidates import make_candidate
+case = next(c for c in SUITES[{suite!r}](False) if c.label == {label!r})
+module, x = case.build()
+fn = make_candidate({candidate!r}, case, module, x)
+def status_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+with torch.no_grad():
+    fn()  # warm-up: caches (weight spectra, plans) are not part of one call's peak
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident size (VmHWM) to the current one
+    base = status_kib("VmRSS")
+    fn()
+    peak = status_kib("VmHWM")
+print(json.dumps({{"extra_bytes": max(peak - base, 0) * 1024}}))
+"""
+
+
+def peak_extra_bytes(bench_dir: str, suite: str, label: str, candidate: str) -> int:
+    """Peak memory one call of a candidate adds over what is resident before it (inputs,
+    weights, cached weight spectra), measured in a fresh process: CPU tensors have no
+    allocator statistics, but the kernel's peak resident size (VmHWM, reset through
+    /proc/self/clear_refs) does."""
+    script = _PEAK_SCRIPT.format(bench_dir=bench_dir, suite=suite, label=label, candidate=candidate)
+    # A fixed mmap threshold makes glibc map every large block afresh and unmap it when
+    # freed, so the resident size follows live memory instead of a reused heap.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])["extra_bytes"]

@@ -1,0 +1,81 @@
+"""``policy="measure"``: time the direct and the FFT path of each conv on its real shapes."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .functional import apply_geometry
+from .geometry import SpectralGeometry
+
+PaddingPairs = list[tuple[int, int]]
+
+
+def direct_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: list[int],
+                padding: PaddingPairs, dilation: list[int], groups: int, padding_mode: str) -> torch.Tensor:
+    """The conv as ``nn.ConvNd`` computes it, from resolved ``(left, right)`` padding."""
+    rank = weight.dim() - 2
+    conv = (F.conv1d, F.conv2d, F.conv3d)[rank - 1]
+    flat = [p for left, right in reversed(padding) for p in (left, right)]
+    if padding_mode != "zeros":
+        return conv(F.pad(x, flat, mode=padding_mode), weight, bias, stride, 0, dilation, groups)
+    if all(left == right for left, right in padding):
+        return conv(x, weight, bias, stride, [left for left, _ in padding], dilation, groups)
+    return conv(F.pad(x, flat), weight, bias, stride, 0, dilation, groups)
+
+
+def _median_ms(fn: Callable[[], object], budget_s: float) -> float:
+    """Median of up to 7 timed calls after a warm-up, fewer when calls are slow."""
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    repeats = max(1, min(7, int(budget_s / max(first, 1e-6))))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def measure_conv(input_shape: tuple[int, ...], dtype: torch.dtype, weight: torch.Tensor,
+                 bias: Optional[torch.Tensor], stride: list[int], padding: PaddingPairs,
+                 dilation: list[int], groups: int, padding_mode: str, geometry: SpectralGeometry,
+                 budget_s: float = 0.5) -> tuple[float, float]:
+    """Median milliseconds of the direct conv and of its FFT lowering, on a random input of
+    the conv's real shape with its real weight (weight spectrum cached, as in inference)."""
+    x = torch.randn(input_shape, dtype=dtype, device=weight.device)
+    w = weight.detach()
+    b = None if bias is None else bias.detach()
+    with torch.no_grad():
+        direct = _median_ms(lambda: direct_conv(x, w, b, stride, padding, dilation, groups, padding_mode), budget_s)
+        fft = _median_ms(lambda: apply_geometry(x, w, b, geometry, groups), budget_s)
+    return direct, fft
+
+
+class Progress:
+    """A one-line progress bar on stderr, shown only once the work has taken a moment."""
+
+    def __init__(self, total: int, label: str, delay_s: float = 1.0) -> None:
+        self.total, self.label, self.delay_s = total, label, delay_s
+        self.start = time.perf_counter()
+        self.shown = False
+
+    def update(self, done: int, item: str) -> None:
+        if time.perf_counter() - self.start < self.delay_s and not self.shown:
+            return
+        self.shown = True
+        width = 24
+        filled = width * done // max(self.total, 1)
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} {item[:40]:<40}")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.shown:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
