@@ -11,7 +11,9 @@ import specfx
 
 from suites import Case
 
-CANDIDATES = ("eager", "inductor", "fft_conv_pytorch", "specfx", "specfx_auto")
+CANDIDATES = ("eager", "inductor", "fft_conv_pytorch", "specfx", "specfx_auto", "specfx_inductor")
+# torch.compile of the lowered model is timed on the suites where it is a goal only.
+COMPILED_LOWERED_SUITES = ("replknet_dw31",)
 
 
 def _fft_conv_pytorch(case: Case, module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
@@ -33,6 +35,9 @@ def make_candidate(name: str, case: Case, module: nn.Module, x: torch.Tensor) ->
     if name in ("specfx", "specfx_auto"):
         fast = specfx.optimize(module, (x,), policy="always" if name == "specfx" else "auto")
         return lambda: fast(x)
+    if name == "specfx_inductor":
+        compiled = torch.compile(specfx.optimize(module, (x,), policy="always"))
+        return lambda: compiled(x)
     raise ValueError(f"unknown candidate {name!r}; expected one of {CANDIDATES}")
 
 

@@ -21,7 +21,7 @@ import torch
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH_DIR)
 
-from candidates import CANDIDATES, auto_choice, make_candidate  # noqa: E402
+from candidates import CANDIDATES, COMPILED_LOWERED_SUITES, auto_choice, make_candidate  # noqa: E402
 from goals import check_goals  # noqa: E402
 from suites import SUITES, Case  # noqa: E402
 from timing import interleaved_medians, peak_extra_bytes  # noqa: E402
@@ -30,7 +30,8 @@ from timing import interleaved_medians, peak_extra_bytes  # noqa: E402
 def run_case(case: Case, candidates: tuple[str, ...], rounds: int) -> dict:
     torch.manual_seed(0)
     module, x = case.build()
-    fns = {name: make_candidate(name, case, module, x) for name in candidates}
+    names = [c for c in candidates if c != "specfx_inductor" or case.suite in COMPILED_LOWERED_SUITES]
+    fns = {name: make_candidate(name, case, module, x) for name in names}
     medians = interleaved_medians(fns, rounds)
     return {"case": dataclasses.asdict(case), "ms": medians, "auto": auto_choice(case, module, x)}
 
@@ -45,7 +46,7 @@ def print_table(rows: list[dict], candidates: tuple[str, ...]) -> None:
     table = [header]
     for r in rows:
         ms = r["ms"]
-        table.append([r["case"]["suite"], r["case"]["label"], *[f"{ms[c]:.3g}" for c in candidates], r["auto"],
+        table.append([r["case"]["suite"], r["case"]["label"], *[f"{ms[c]:.3g}" if c in ms else "-" for c in candidates], r["auto"],
                       _ratio(r, "eager", "specfx"), _ratio(r, "fft_conv_pytorch", "specfx"),
                       _ratio(r, "eager", "specfx_auto")])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     rounds = args.rounds or (3 if args.quick else 7)
-    candidates = tuple(c for c in CANDIDATES if not (args.no_inductor and c == "inductor"))
+    candidates = tuple(c for c in CANDIDATES if not (args.no_inductor and c in ("inductor", "specfx_inductor")))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {rounds} rounds, fp32; medians in ms")
     rows = []
     for suite in args.suite or list(SUITES):

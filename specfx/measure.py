@@ -61,8 +61,11 @@ def measure_conv(input_shape: tuple[int, ...], dtype: torch.dtype, weight: torch
 class Progress:
     """A one-line progress bar on stderr, shown only once the work has taken a moment."""
 
-    def __init__(self, total: int, label: str, delay_s: float = 1.0) -> None:
-        self.total, self.label, self.delay_s = total, label, delay_s
+    DEFAULT_DELAY_S = 1.0
+
+    def __init__(self, total: int, label: str, delay_s: Optional[float] = None) -> None:
+        self.total, self.label = total, label
+        self.delay_s = self.DEFAULT_DELAY_S if delay_s is None else delay_s
         self.start = time.perf_counter()
         self.shown = False
 

@@ -1,0 +1,120 @@
+"""The cost model, its machine profile, calibration, and policy='measure'."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import specfx
+from specfx import calibrate
+from specfx.cost_model import CostProfile, ConvShape, estimate
+from specfx.functional import conv_geometry
+from specfx.geometry import smooth_size
+from specfx.measure import Progress
+
+from conftest import assert_scaled_close
+
+
+@pytest.mark.parametrize("n", [1, 7, 47, 97, 499, 527, 563, 4096])
+@pytest.mark.parametrize("even", [False, True])
+def test_smooth_size_is_the_smallest_5_smooth_size(n, even):
+    def smooth(m):
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        return m == 1
+
+    size = smooth_size(n, even=even)
+    assert size >= n and smooth(size) and (size % 2 == 0 or not even)
+    assert not any(smooth(m) and (m % 2 == 0 or not even) for m in range(n, size))
+
+
+def _cost(x_shape, w_shape, groups, padding, profile=CostProfile()):
+    x, w = torch.empty(x_shape), torch.empty(w_shape)
+    geometry = conv_geometry(x, w, padding=padding)
+    shape = ConvShape(batch=x_shape[0], in_channels=x_shape[1], out_channels=w_shape[0], groups=groups,
+                      kernel_size=tuple(w_shape[2:]), out_size=geometry.out_size, element_bytes=4)
+    return estimate(shape, geometry, profile)
+
+
+def test_estimates_follow_the_kernel_size():
+    small_dense = _cost((8, 64, 32, 32), (64, 64, 3, 3), 1, 1)
+    large_depthwise = _cost((4, 384, 32, 32), (384, 1, 31, 31), 384, 15)
+    large_dense = _cost((2, 8, 512, 512), (8, 8, 31, 31), 1, 0)
+    assert small_dense.direct_ms < small_dense.fft_ms
+    assert large_depthwise.fft_ms * 10 < large_depthwise.direct_ms
+    assert large_dense.fft_ms * 4 < large_dense.direct_ms
+
+
+def test_depthwise_cliff_is_a_profile_setting():
+    before = _cost((2, 64, 64, 64), (64, 1, 13, 13), 64, 6, CostProfile(depthwise_fast_max_kernel=9))
+    after = _cost((2, 64, 64, 64), (64, 1, 13, 13), 64, 6, CostProfile(depthwise_fast_max_kernel=13))
+    assert before.direct_ms > 3 * after.direct_ms
+    assert before.fft_ms == after.fft_ms
+
+
+def test_profile_round_trip_and_default_path(tmp_path, monkeypatch):
+    path = tmp_path / "profile.json"
+    profile = CostProfile(fft_gflops=12.5, depthwise_fast_max_kernel=13)
+    assert profile.save(path) == path
+    assert CostProfile.load(path) == profile
+
+    monkeypatch.setenv("SPECFX_PROFILE", str(tmp_path / "missing.json"))
+    assert CostProfile.load() == CostProfile()
+    monkeypatch.setenv("SPECFX_PROFILE", str(path))
+    assert CostProfile.load() == profile
+    assert specfx.pipeline.Settings().profile == profile
+
+    with pytest.raises(FileNotFoundError):
+        CostProfile.load(tmp_path / "missing.json")
+    path.write_text(json.dumps({"fft_gflops": 1.0, "warp_drive": 3}))
+    with pytest.raises(ValueError, match="warp_drive"):
+        CostProfile.load(path)
+
+
+def test_depthwise_cliff_detection():
+    rates = {3: 10.0, 5: 20.0, 7: 40.0, 9: 45.0, 11: 5.0, 13: 4.0, 15: 4.5, 17: 4.2}
+    assert calibrate._depthwise_cliff(rates) == (9, 45.0, 4.35)
+    flat = {k: 30.0 for k in range(3, 18, 2)}
+    fast_max, fast, slow = calibrate._depthwise_cliff(flat)
+    assert fast_max > 17 and fast == slow == 30.0
+
+
+def test_calibrate_writes_a_loadable_profile(tmp_path, capsys):
+    path = tmp_path / "profile.json"
+    assert calibrate.main(["--out", str(path)]) == 0
+    profile = CostProfile.load(path)
+    assert all(getattr(profile, f) > 0 for f in ("dense_direct_gflops", "fft_gflops", "memory_gbps"))
+    assert str(path) in capsys.readouterr().out
+
+
+class _TwoConvs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.small = nn.Conv2d(4, 4, 3, padding=1)
+        self.large = nn.Conv2d(4, 4, 31, padding=15, groups=4)
+
+    def forward(self, x):
+        return self.large(self.small(x))
+
+
+def test_policy_measure_times_both_paths_and_stays_exact(capsys, monkeypatch):
+    # Show the progress bar at once (it normally waits a second before appearing).
+    monkeypatch.setattr(Progress, "DEFAULT_DELAY_S", 0.0)
+    torch.manual_seed(0)
+    model, x = _TwoConvs().eval(), torch.randn(2, 4, 32, 32)
+    fast = specfx.optimize(model, (x,), policy="measure")
+    report = fast.specfx_report
+    for decision in report.decisions:
+        cost = decision.cost
+        assert cost.measured_direct_ms > 0 and cost.measured_fft_ms > 0
+        assert decision.lowered == (cost.measured_fft_ms < cost.measured_direct_ms)
+        assert "measured" in decision.reason
+    assert "large" in report.lowered  # a 31x31 depthwise conv is ~10x faster as an FFT
+    with torch.no_grad():
+        assert_scaled_close(fast(x), model(x))
+    assert "specfx: timing convs" in capsys.readouterr().err
+
