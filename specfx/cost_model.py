@@ -181,3 +181,109 @@ def estimate(shape: ConvShape, geometry: SpectralGeometry, profile: CostProfile 
     fft_ms = transform_ms + mix_ms + copy_bytes / profile.memory_gbps / 1e6 + 3 * profile.per_op_overhead_ms
     return ConvCost(direct_gflop=direct_flop / 1e9, fft_gflop=(transform_flop + mix_flop) / 1e9,
                     direct_ms=direct_ms, fft_ms=fft_ms, fft_size=geometry.fft_size)
+
+
+# --- Spectral chains ----------------------------------------------------------------------
+#
+# The cost of the ops a fused chain runs (passes/find_chains.py), in milliseconds, from the
+# same profile rates. "rows" is batch x channels of a tensor, ``grid`` the shared FFT size
+# P (N = ∏P points, B = N/P_last·(P_last/2+1) one-sided bins), ``size`` the tensor's
+# spatial size L, ``eb`` the real element size (≥ 4 bytes; complex = 2·eb):
+#
+#   forward transform   rows·2.5·N·log2 N / fft_gflops     + rows·N·eb / memory   + overhead
+#   inverse transform   rows·2.5·N·log2 N / inverse_fft    + 2·rows·L·eb / memory + overhead
+#                       (the copies are the zero-padded input and the cropped output)
+#   spatial pointwise   passes·rows·L·eb / memory + overhead     (activation, affine, add)
+#   spectral pointwise  passes·rows·B·2eb / memory + overhead    (spectral affine / add)
+#   exact activation    inverse + forward transform + 3·rows·L·eb / memory, one overhead
+#   poly activation     rows·(Σ over its ⊛ of K_out·N)·(2·2eb + 8) / memory + overhead:
+#                       each ⊛ gathers an K_out x N block per row (K_out = B for the last
+#                       power, N for intermediate powers and the input mask) and reads it
+#                       once more in the reduction; 8 bytes of index per element
+#   conv in the chain   the channel contraction of :func:`estimate` at the shared grid
+#   direct conv         its FLOPs at the direct rate of :func:`estimate`
+#
+# A chain's cost is the sum over its ops in the domain each runs in, plus one transform
+# per tensor crossing domains; the min-cut in find_chains minimizes exactly that sum.
+
+def _grid_bins(grid: tuple[int, ...]) -> int:
+    return math.prod(grid[:-1]) * (grid[-1] // 2 + 1)
+
+
+def forward_transform_ms(rows: int, grid: tuple[int, ...], element_bytes: int,
+                         profile: CostProfile = DEFAULT_PROFILE) -> float:
+    """``to_spectrum`` of ``rows`` signals onto ``grid`` (zero-padding copy included)."""
+    eb = max(element_bytes, 4)
+    return (rows * _transform_flop(grid) / profile.fft_gflops / 1e6
+            + rows * math.prod(grid) * eb / profile.memory_gbps / 1e6 + profile.per_op_overhead_ms)
+
+
+def inverse_transform_ms(rows: int, grid: tuple[int, ...], size: tuple[int, ...], element_bytes: int,
+                         profile: CostProfile = DEFAULT_PROFILE) -> float:
+    """``from_spectrum`` of ``rows`` spectra on ``grid``, cropped to ``size`` (+ bias)."""
+    eb = max(element_bytes, 4)
+    return (rows * _transform_flop(grid) / profile.inverse_fft_gflops / 1e6
+            + 2 * rows * math.prod(size) * eb / profile.memory_gbps / 1e6 + profile.per_op_overhead_ms)
+
+
+def spatial_pointwise_ms(rows: int, size: tuple[int, ...], element_bytes: int, passes: int = 2,
+                         profile: CostProfile = DEFAULT_PROFILE) -> float:
+    """An elementwise op on real tensors (``passes`` reads + writes of the tensor)."""
+    return passes * rows * math.prod(size) * max(element_bytes, 4) / profile.memory_gbps / 1e6 \
+        + profile.per_op_overhead_ms
+
+
+def spectral_pointwise_ms(rows: int, grid: tuple[int, ...], element_bytes: int, passes: int = 2,
+                          profile: CostProfile = DEFAULT_PROFILE) -> float:
+    """An elementwise op on one-sided spectra."""
+    return passes * rows * _grid_bins(grid) * 2 * max(element_bytes, 4) / profile.memory_gbps / 1e6 \
+        + profile.per_op_overhead_ms
+
+
+def exact_activation_ms(rows: int, grid: tuple[int, ...], size: tuple[int, ...], element_bytes: int,
+                        profile: CostProfile = DEFAULT_PROFILE) -> float:
+    """``spectral_activation``: inverse transform, mask, affine, activation, forward
+    transform, in one op."""
+    eb = max(element_bytes, 4)
+    return (rows * _transform_flop(grid) * (1 / profile.fft_gflops + 1 / profile.inverse_fft_gflops) / 1e6
+            + rows * (math.prod(grid) + 3 * math.prod(size)) * eb / profile.memory_gbps / 1e6
+            + profile.per_op_overhead_ms)
+
+
+def poly_activation_ms(rows: int, grid: tuple[int, ...], element_bytes: int, degree: int, mask_input: bool,
+                       profile: CostProfile = DEFAULT_PROFILE) -> float:
+    """``poly_activation``: one circular convolution of spectra per power ≥ 2 (and one
+    for the input mask), each O(K_out·N) per row."""
+    n, bins = math.prod(grid), _grid_bins(grid)
+    outputs = (n if mask_input else 0) + (n * max(degree - 2, 0)) + (bins if degree >= 2 else 0)
+    per_element = 2 * 2 * max(element_bytes, 4) + 8
+    return rows * outputs * n * per_element / profile.memory_gbps / 1e6 + profile.per_op_overhead_ms
+
+
+def chain_mix_ms(shape: ConvShape, grid: tuple[int, ...], profile: CostProfile = DEFAULT_PROFILE) -> float:
+    """A conv's channel contraction at the chain's grid (as :func:`estimate` costs it)."""
+    return _mix_ms(shape, _grid_bins(grid), profile)[1] + profile.per_op_overhead_ms
+
+
+def direct_conv_ms(shape: ConvShape, profile: CostProfile = DEFAULT_PROFILE) -> float:
+    """A direct conv (as :func:`estimate` costs it)."""
+    flop = 2.0 * shape.batch * shape.out_channels * (shape.in_channels // shape.groups) \
+        * shape.kernel_volume * math.prod(shape.out_size)
+    return flop / _direct_rate(shape, profile) / 1e6 + profile.per_op_overhead_ms
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainCost:
+    """Estimated milliseconds of one chain three ways: each conv lowered on its own (with
+    the ops between them spatial), fused with exact spectral activations, and fused with
+    polynomial activations where requested (``None`` when not)."""
+
+    per_conv_ms: float
+    fused_ms: float
+    poly_ms: Optional[float] = None
+
+    def summary(self) -> str:
+        text = f"per-conv ~{self.per_conv_ms:.3g} ms, fused ~{self.fused_ms:.3g} ms"
+        if self.poly_ms is not None:
+            text += f", with poly activations ~{self.poly_ms:.3g} ms"
+        return text
