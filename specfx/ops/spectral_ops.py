@@ -151,7 +151,9 @@ def _crop(y: torch.Tensor, out_size: list[int], stride: list[int], fft_size: lis
     rank = len(fft_size)
     for axis, (out, s, n) in enumerate(zip(out_size, stride, fft_size)):
         dim = y.dim() - rank + axis
-        if (out - 1) * s < n:
+        if s == 1 and out <= n:
+            y = y.narrow(dim, 0, out)
+        elif (out - 1) * s < n:
             y = y.narrow(dim, 0, (out - 1) * s + 1)[(slice(None),) * dim + (slice(None, None, s),)]
         else:
             y = y.index_select(dim, _output_positions(out, s, n, y.device))
