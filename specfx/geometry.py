@@ -7,6 +7,7 @@ and the rewrite (to emit its spectral ops).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence, Union
 
 PaddingArg = Union[str, int, Sequence[int]]
@@ -17,21 +18,25 @@ PaddingArg = Union[str, int, Sequence[int]]
 FFT_PRIMES = (2, 3, 5)
 
 
-def smooth_size(n: int, primes: Sequence[int] = FFT_PRIMES, even: bool = False) -> int:
-    """The smallest integer ≥ ``n`` (and even, if asked) whose prime factors are all in
-    ``primes``."""
-    candidate = max(n, 2 if even else 1)
+def smooth_size(n: int, primes: Sequence[int] = FFT_PRIMES, even: bool = False, multiple_of: int = 1) -> int:
+    """The smallest integer ≥ ``n`` whose prime factors are all in ``primes`` and that is
+    even (if asked) and a multiple of ``multiple_of`` (when that is itself smooth)."""
+    step = math.lcm(2 if even else 1, multiple_of if _is_smooth(multiple_of, primes) else 1)
+    candidate = max(n, step)
     while True:
-        if even and candidate % 2:
-            candidate += 1
+        if candidate % step:
+            candidate += step - candidate % step
             continue
-        rest = candidate
-        for p in primes:
-            while rest % p == 0:
-                rest //= p
-        if rest == 1:
+        if _is_smooth(candidate, primes):
             return candidate
-        candidate += 1
+        candidate += step
+
+
+def _is_smooth(n: int, primes: Sequence[int]) -> bool:
+    for p in primes:
+        while n % p == 0:
+            n //= p
+    return n == 1
 
 
 def resolve_padding(padding: PaddingArg, kernel_size: Sequence[int], dilation: Sequence[int],
@@ -117,8 +122,10 @@ def plan_geometry(in_size: Sequence[int], kernel_size: Sequence[int], stride: Se
             fft_size.append(n)
         else:
             last_read = (out - 1) * s + span - 1 - left
+            # A grid that is a multiple of the stride lets the output be folded in the
+            # frequency domain (an inverse transform s times smaller).
             last_axis = axis == rank - 1
-            fft_size.append(smooth_size(max(n + left, last_read + 1, n), primes, even=last_axis))
+            fft_size.append(smooth_size(max(n + left, last_read + 1, n), primes, even=last_axis, multiple_of=s))
         out_size.append(out)
     return SpectralGeometry(
         in_size=tuple(in_size), kernel_size=tuple(kernel_size), fft_size=tuple(fft_size),

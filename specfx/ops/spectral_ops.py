@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from . import contraction, fourier
+from . import contraction, folding, fourier
 from .weight_spectrum import SPECTRUM_CACHE, weight_spectrum_adjoint
 
 
@@ -175,6 +175,26 @@ def _channel_view(bias: torch.Tensor, rank: int) -> torch.Tensor:
     return bias.reshape(-1, *([1] * rank))
 
 
+def _inverse(y_hat: torch.Tensor, fft_size: list[int], out_size: list[int], stride: list[int]) -> torch.Tensor:
+    """The conv's output samples from its spectrum: the strided samples' own (folded)
+    spectrum inverted at the smaller grid where that applies, else the full inverse
+    transform cropped."""
+    if folding.applies(fft_size, stride, out_size):
+        grid = folding.folded_size(fft_size, stride)
+        ones = [1] * len(fft_size)
+        return _crop(fourier.irfftn(folding.fold(y_hat, fft_size, stride), grid), out_size, ones, grid)
+    return _crop(fourier.irfftn(y_hat, fft_size), out_size, stride, fft_size)
+
+
+def _inverse_adjoint(grad: torch.Tensor, fft_size: list[int], out_size: list[int], stride: list[int]) -> torch.Tensor:
+    if folding.applies(fft_size, stride, out_size):
+        grid = folding.folded_size(fft_size, stride)
+        ones = [1] * len(fft_size)
+        folded = fourier.irfftn_adjoint(_uncrop(grad, out_size, ones, grid), grid)
+        return folding.fold_adjoint(folded, fft_size, stride)
+    return fourier.irfftn_adjoint(_uncrop(grad, out_size, stride, fft_size), fft_size)
+
+
 @torch.library.custom_op("specfx::from_spectrum", mutates_args=())
 def from_spectrum(y_hat: torch.Tensor, fft_size: list[int], out_size: list[int],
                   stride: list[int], bias: Optional[torch.Tensor],
@@ -186,7 +206,7 @@ def from_spectrum(y_hat: torch.Tensor, fft_size: list[int], out_size: list[int],
     rows = y_hat.reshape(-1, *y_hat.shape[-rank:])
     blocks = _row_blocks(rows.shape[0], fft_size, real.itemsize)
     if len(blocks) == 1:
-        y = _crop(fourier.irfftn(y_hat, fft_size), out_size, stride, fft_size)
+        y = _inverse(y_hat, fft_size, out_size, stride)
         if bias is not None:
             y = y + _channel_view(bias.to(real), rank)
         return y.to(out_dtype).contiguous()
@@ -194,7 +214,7 @@ def from_spectrum(y_hat: torch.Tensor, fft_size: list[int], out_size: list[int],
     # One bias per row: rows run over (batch, channel) with the channel fastest.
     row_bias = None if bias is None else bias.to(real).repeat(rows.shape[0] // bias.numel())
     for block in blocks:
-        y = _crop(fourier.irfftn(rows[block], fft_size), out_size, stride, fft_size)
+        y = _inverse(rows[block], fft_size, out_size, stride)
         if row_bias is not None:
             y = y + _channel_view(row_bias[block], rank)
         out[block] = y
@@ -217,7 +237,7 @@ def _from_spectrum_setup(ctx, inputs, output):
 def _from_spectrum_backward(ctx, grad):
     fft_size, out_size, stride = ctx.geometry
     grad = grad.to(ctx.real_dtype)
-    grad_y_hat = fourier.irfftn_adjoint(_uncrop(grad, out_size, stride, fft_size), fft_size)
+    grad_y_hat = _inverse_adjoint(grad, out_size=out_size, stride=stride, fft_size=fft_size)
     grad_bias = None
     if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:
         channel_dim = grad.dim() - len(fft_size) - 1
