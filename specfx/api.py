@@ -10,6 +10,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .capture import capture, check_frontend, run_module
+from .chains import approximate, output_error
 from .cost_model import CostProfile
 from .errors import ExampleInputError
 from .pipeline import PassContext, Settings, run_pipeline
@@ -59,7 +60,8 @@ def _snapshot(gm: fx.GraphModule) -> fx.GraphModule:
 
 def optimize(model: nn.Module, example_inputs: ExampleInputs, *, policy: str = "auto",
              verify: bool = True, verify_tol: Optional[float] = None, frontend: str = "auto",
-             profile: Optional[CostProfile] = None) -> fx.GraphModule:
+             profile: Optional[CostProfile] = None, spectral_activation: str = "exact",
+             chains: bool = True, poly_degree: int = 2) -> fx.GraphModule:
     """Rewrite the convolutions of ``model`` that are cheaper as FFT convolutions.
 
     Args:
@@ -79,6 +81,13 @@ def optimize(model: nn.Module, example_inputs: ExampleInputs, *, policy: str = "
         frontend: ``"auto"`` (``symbolic_trace``, then ``export``), or one of them.
         profile: the rates the cost model uses; by default the profile written by
             ``python -m specfx.calibrate`` on this machine, else built-in defaults.
+        spectral_activation: between the convs of a fused chain, ``"exact"`` (inverse
+            transform, mask, activation, forward transform in one op; exact) or ``"poly"``
+            (opt-in: the Fourier-domain polynomial activation fitted on ``example_inputs``,
+            approximate unless the activation is a polynomial; the report gives its error
+            and the optimized module is then not verified against ``verify_tol``).
+        chains: fuse conv -> ... -> conv chains (``False``: lower each conv on its own).
+        poly_degree: the degree of fitted poly activations.
 
     Returns:
         An ``fx.GraphModule`` with the original's ``state_dict`` keys, and the report of
@@ -86,29 +95,32 @@ def optimize(model: nn.Module, example_inputs: ExampleInputs, *, policy: str = "
     """
     from specfx.passes import PIPELINE
 
-    settings = Settings(policy, profile)  # checks the policy
+    settings = Settings(policy, profile, spectral_activation, chains, poly_degree)  # checks them
     check_tolerance(verify_tol)
     work, inputs = _prepare(model, example_inputs, frontend)
     notes: list[str] = []
     gm, frontend_used = capture(work, inputs, frontend, notes)
     reference = _snapshot(gm)
     report = Report(frontend=frontend_used, policy=policy, capture_notes=notes)
-    gm = run_pipeline(gm, PassContext(settings, report), PIPELINE)
-    if verify and report.lowered:
+    gm = run_pipeline(gm, PassContext(settings, report, inputs), PIPELINE)
+    if approximate(report):
+        report.output_error = output_error(reference, gm, inputs)
+    elif verify and report.lowered:
         report.verified_error, report.verified_tolerance = verify_graphs(reference, gm, inputs, verify_tol)
     gm.specfx_report = report
     return gm
 
 
 def explain(model: nn.Module, example_inputs: ExampleInputs, *, policy: str = "auto",
-            frontend: str = "auto", profile: Optional[CostProfile] = None) -> Report:
+            frontend: str = "auto", profile: Optional[CostProfile] = None,
+            spectral_activation: str = "exact", chains: bool = True, poly_degree: int = 2) -> Report:
     """The report :func:`optimize` would produce, without rewriting anything."""
     from specfx.passes import PIPELINE
 
-    settings = Settings(policy, profile)  # checks the policy
+    settings = Settings(policy, profile, spectral_activation, chains, poly_degree)  # checks them
     work, inputs = _prepare(model, example_inputs, frontend)
     notes: list[str] = []
     gm, frontend_used = capture(work, inputs, frontend, notes)
     report = Report(frontend=frontend_used, policy=policy, applied=False, capture_notes=notes)
-    run_pipeline(gm, PassContext(settings, report), PIPELINE, analysis_only=True)
+    run_pipeline(gm, PassContext(settings, report, inputs), PIPELINE, analysis_only=True)
     return report

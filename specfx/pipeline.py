@@ -18,6 +18,7 @@ from .cost_model import CostProfile
 from .report import PassRecord, Report
 
 POLICIES = ("auto", "measure", "always", "never")
+SPECTRAL_ACTIVATIONS = ("exact", "poly")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,20 +28,34 @@ class Settings:
 
     policy: str = "auto"
     profile: Optional[CostProfile] = None
+    # Spectral chains (passes/find_chains.py): fuse conv -> ... -> conv chains at all, the
+    # kind of spectral activation between their convs, and the poly activation's degree.
+    spectral_activation: str = "exact"
+    chains: bool = True
+    poly_degree: int = 2
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.spectral_activation not in SPECTRAL_ACTIVATIONS:
+            raise ValueError(f"spectral_activation must be one of {SPECTRAL_ACTIVATIONS}, "
+                             f"got {self.spectral_activation!r}")
+        if not isinstance(self.chains, bool):
+            raise ValueError(f"chains must be True or False, got {self.chains!r}")
+        if not isinstance(self.poly_degree, int) or isinstance(self.poly_degree, bool) or self.poly_degree < 1:
+            raise ValueError(f"poly_degree must be an int >= 1, got {self.poly_degree!r}")
         if self.profile is None:
             object.__setattr__(self, "profile", CostProfile.load())
 
 
 @dataclasses.dataclass
 class PassContext:
-    """What every pass sees besides the graph: the settings, and the report it adds to."""
+    """What every pass sees besides the graph: the settings, the report it adds to, and
+    the example inputs when the caller has real ones (fitting poly activations needs them)."""
 
     settings: Settings
     report: Report
+    example_inputs: Optional[tuple] = None
 
 
 Pass = Callable[[fx.GraphModule, PassContext], PassResult]

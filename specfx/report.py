@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
-from .cost_model import ConvCost
+from .cost_model import ChainCost, ConvCost
 
 
 @dataclasses.dataclass
@@ -18,6 +18,61 @@ class ConvDecision:
     lowered: bool
     reason: str
     cost: Optional[ConvCost] = None
+
+
+@dataclasses.dataclass
+class SpectralActivationRecord:
+    """One activation (or mask) computed in the frequency domain inside a fused chain.
+
+    ``mode`` is ``"exact"`` (inverse transform, mask, activation, forward transform in one
+    op) or ``"poly"`` (the Fourier-domain polynomial, no transform). ``error`` is the
+    activation's own error on the example inputs, max |p(u) − act(u)| over max |act(u)|
+    (0.0 where the polynomial is the activation itself; ``None`` for exact ones, which
+    are exact to rounding).
+    """
+
+    node: str
+    activation: str
+    mode: str
+    error: Optional[float] = None
+    coefficients: Optional[list[list[float]]] = None
+    mask_input: bool = False
+
+    def summary(self) -> str:
+        text = f"{self.node}: {self.activation}, {self.mode}"
+        if self.mode == "poly":
+            text += f" (degree {len(self.coefficients[0]) - 1 if self.coefficients else '?'}"
+            text += ", input masked in the frequency domain)" if self.mask_input else ")"
+            if self.error is not None:
+                text += f", activation error {self.error:.3g} on the example inputs"
+        return text
+
+
+@dataclasses.dataclass
+class ChainDecision:
+    """The outcome for one chain of convolutions (passes/find_chains.py).
+
+    ``convs`` are the report names of the lowered convs in the chain, ``ops`` the ops
+    between them and the domain each was placed in; ``eliminated`` counts the
+    inverse/forward transform pairs removed outright; ``transforms`` the transforms the
+    chain runs fused and ``transforms_per_conv`` with each conv lowered on its own
+    (a spectral activation counts as one of each: it runs a round trip inside).
+    """
+
+    name: str
+    convs: list[str]
+    ops: list[str]
+    fused: bool
+    reason: str
+    padding: str = "zeros"
+    grid: Optional[tuple[int, ...]] = None
+    eliminated: int = 0
+    activations: list[SpectralActivationRecord] = dataclasses.field(default_factory=list)
+    cost: Optional[ChainCost] = None
+    transforms: Optional[dict[str, int]] = None
+    transforms_per_conv: Optional[dict[str, int]] = None
+    # The rewrite's instructions (passes/fuse_chains.py reads them); not part of the report.
+    plan: Any = dataclasses.field(default=None, repr=False, compare=False)
 
 
 @dataclasses.dataclass
@@ -47,6 +102,13 @@ class Report:
     captured_code: Optional[str] = None
     verified_error: Optional[float] = None
     verified_tolerance: Optional[float] = None
+    # Spectral chains: one entry per chain found; the transforms (forward, inverse) the
+    # optimized graph runs, and what plain per-conv lowering would run; the output error
+    # measured on the example inputs when poly activations made the result approximate.
+    chains: list[ChainDecision] = dataclasses.field(default_factory=list)
+    transforms: Optional[dict[str, int]] = None
+    transforms_per_conv: Optional[dict[str, int]] = None
+    output_error: Optional[float] = None
 
     @property
     def lowered(self) -> list[str]:
@@ -69,7 +131,33 @@ class Report:
             lines.append(f"           {d.reason}")
             if d.cost is not None:
                 lines.append(f"           {d.cost.summary()}")
+        for c in self.chains:
+            mark = "fused " if c.fused else "kept  "
+            grid = f" at {'x'.join(map(str, c.grid))}" if c.grid else ""
+            lines.append(f"  [chain {mark}] {c.name}: {' -> '.join(c.convs)} ({c.padding} padding{grid})")
+            lines.append(f"           {c.reason}")
+            if c.ops:
+                lines.append(f"           between the convs: {', '.join(c.ops)}")
+            if c.fused:
+                lines.append(f"           transform pairs eliminated: {c.eliminated}; transforms "
+                             f"{_pair(c.transforms)} (per-conv lowering {_pair(c.transforms_per_conv)})")
+            for a in c.activations:
+                lines.append(f"           spectral activation {a.summary()}")
+            if c.cost is not None:
+                lines.append(f"           {c.cost.summary()}")
+        if self.transforms is not None:
+            lines.append(f"  transforms in the graph: {_pair(self.transforms)} "
+                         f"(per-conv lowering: {_pair(self.transforms_per_conv)})")
+        if self.output_error is not None:
+            lines.append(f"  poly activations are approximate: output error {self.output_error:.3g} "
+                         f"of the output scale on the example inputs (not verified against a tolerance)")
         if self.verified_error is not None:
             lines.append(f"  verified on the example inputs: max error {self.verified_error:.2e} "
                          f"of the output scale (tolerance {self.verified_tolerance:.0e})")
         return "\n".join(lines)
+
+
+def _pair(counts: Optional[dict[str, int]]) -> str:
+    if not counts:
+        return "forward 0, inverse 0"
+    return f"forward {counts.get('forward', 0)}, inverse {counts.get('inverse', 0)}"

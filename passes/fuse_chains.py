@@ -1,0 +1,306 @@
+"""Rewrite each fused chain (planned by ``find_chains``) so that its tensors stay spectra.
+
+Runs after ``lower_convs``, which lowered the chain's convs onto the chain's shared grid.
+Walking the graph in order, every tensor the plan labels spectral gets a spectral value —
+a spectrum node plus a pending per-channel affine ``scale·X + shift·F{m}`` (a conv's
+bias, a BatchNorm), folded into the next op that takes one:
+
+- a lowered conv reading a spectral tensor has its ``to_spectrum`` replaced by that
+  spectrum (masked first where the plan says so): the ``from_spectrum → ... →
+  to_spectrum`` pair is gone; its own output's spectrum is its ``spectral_mix``;
+- an activation becomes ``spectral_activation`` (exact) or ``poly_activation`` (fitted
+  coefficients, kept as a non-persistent buffer, so ``state_dict`` is unchanged);
+- BatchNorm / scalar or per-channel affine maps become pending affines (their scale and
+  shift computed from the parameters in the graph, so they follow the parameters);
+- a residual add becomes ``spectral_add``; a crop changes only the recorded size;
+- a conv kept direct, or a stride-1 average pool (a depthwise conv with a constant
+  kernel, a non-persistent buffer), becomes a ``spectral_mix`` on the chain's grid.
+
+A spectral tensor that is also read spatially (by an op outside the chain, or as an
+output) is materialized once with ``from_spectrum``; a spatial tensor read by spectral
+ops is transformed once with ``to_spectrum``. The replaced spatial ops are erased.
+Afterwards the report's ``transforms`` counts the transforms the graph runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from specfx import chains as ch
+from specfx import node_meta
+from specfx.canonical import bind_schema, conv_site, tensor_info, weight_value
+from specfx.pipeline import PassContext
+
+OPS = torch.ops.specfx
+CHAIN = "specfx_chain"  # node meta: the chain a node was added for
+
+
+def count_transforms(gm: fx.GraphModule) -> dict[str, int]:
+    """Forward and inverse transforms the graph runs (an exact spectral activation runs
+    one of each)."""
+    fwd = inv = 0
+    for n in gm.graph.nodes:
+        if n.target is OPS.to_spectrum.default:
+            fwd += 1
+        elif n.target is OPS.from_spectrum.default:
+            inv += 1
+        elif n.target is OPS.spectral_activation.default:
+            fwd, inv = fwd + 1, inv + 1
+    return {"forward": fwd, "inverse": inv}
+
+
+@dataclasses.dataclass
+class Value:
+    """A spectral value: ``scale·node + shift·F{m}``."""
+
+    node: fx.Node
+    scale: Optional[fx.Node] = None
+    shift: Optional[fx.Node] = None
+
+
+class _Rewriter:
+    def __init__(self, gm: fx.GraphModule, plan: ch.ChainPlan) -> None:
+        self.gm, self.graph, self.plan = gm, gm.graph, plan
+        self.grid = list(plan.grid)
+        self.rank = plan.rank
+        self.values: dict[str, Value] = {}
+        self.forward: dict[str, fx.Node] = {}
+        self.alias: dict[str, str] = {}     # a lowered conv's from_spectrum -> the conv's name
+        self.masks = set(plan.masks)
+        self.spectral = set(plan.spectral)
+        self.erase: list[fx.Node] = []
+        self.buffers = 0
+        self.live: dict[str, fx.Node] = {}  # a lowered conv's name -> its from_spectrum
+
+    # helpers ------------------------------------------------------------------------------
+    def name_of(self, node: fx.Node) -> str:
+        return self.alias.get(node.name, node.name)
+
+    def size(self, node: fx.Node) -> list[int]:
+        return list(self.plan.sizes[self.name_of(node)])
+
+    def add(self, target, args, kwargs=None, source: Optional[fx.Node] = None) -> fx.Node:
+        node = self.graph.call_function(target, tuple(args), kwargs or {})
+        node.meta[node_meta.LOWERED_FROM] = self.plan.name
+        node.meta[CHAIN] = self.plan.name
+        if source is not None and "nn_module_stack" in source.meta:
+            node.meta["nn_module_stack"] = source.meta["nn_module_stack"]
+        return node
+
+    def buffer(self, value: torch.Tensor, what: str) -> fx.Node:
+        name = f"_specfx_{self.plan.name}_{what}"
+        while hasattr(self.gm, name):
+            self.buffers += 1
+            name = f"_specfx_{self.plan.name}_{what}_{self.buffers}"
+        self.gm.register_buffer(name, value, persistent=False)
+        return self.graph.get_attr(name)
+
+    def vector(self, value, what: str) -> Optional[fx.Node]:
+        """A per-channel (or one-element) vector node for a number, attribute or node."""
+        if value is None:
+            return None
+        if isinstance(value, (int, float)):
+            return self.buffer(torch.tensor([float(value)], dtype=self.plan.dtype), what)
+        if isinstance(value, str):
+            return self.graph.get_attr(value)
+        return self.add(torch.reshape, (value, (-1,)))
+
+    def mul(self, a: Optional[fx.Node], b: Optional[fx.Node]) -> Optional[fx.Node]:
+        if a is None:
+            return b
+        if b is None:
+            return a
+        return self.add(torch.mul, (a, b))
+
+    def plus(self, a: Optional[fx.Node], b: Optional[fx.Node]) -> Optional[fx.Node]:
+        if a is None:
+            return b
+        if b is None:
+            return a
+        return self.add(torch.add, (a, b))
+
+    def spectrum(self, u: fx.Node) -> Value:
+        key = self.name_of(u)
+        if key in self.values:
+            return self.values[key]
+        if key not in self.forward:
+            u = self.live.get(key, u)
+            self.forward[key] = self.add(OPS.to_spectrum.default, (u, self.size(u), self.grid), source=u)
+        return Value(self.forward[key])
+
+    def plain(self, value: Value, size: list[int], mask: bool, source: fx.Node) -> fx.Node:
+        """The value as one spectrum node (its pending affine applied), masked if asked."""
+        if mask:
+            return self.add(OPS.spectral_activation.default,
+                            (value.node, self.grid, size, value.scale, value.shift, "identity", 0.0), source=source)
+        if value.scale is None and value.shift is None:
+            return value.node
+        return self.add(OPS.spectral_affine.default, (value.node, self.grid, size, value.scale, value.shift),
+                        source=source)
+
+    def weight(self, site) -> fx.Node:
+        w = site.weight
+        if isinstance(w, str):
+            if site.parametrized_weight:
+                owner, _, attr = w.rpartition(".")
+                return self.add(getattr, (self.graph.get_attr(owner), attr))
+            return self.graph.get_attr(w)
+        return w
+
+    # the rewrite ---------------------------------------------------------------------------
+    def run(self) -> None:
+        lowered = {c: ch.lowered_nodes(self.gm, c) for c in self.plan.convs}
+        by_mix = {}
+        for conv, nodes in lowered.items():
+            if {"to", "mix", "from"} - set(nodes):
+                raise RuntimeError(f"specfx: fuse_chains found no lowered ops for conv {conv!r}")
+            self.alias[nodes["from"].name] = conv
+            self.live[conv] = nodes["from"]
+            by_mix[nodes["mix"]] = conv
+        for node in list(self.graph.nodes):
+            if node in by_mix:
+                self.conv(by_mix[node], lowered[by_mix[node]])
+            elif node.name in self.spectral:
+                self.op(node)
+        for nodes in lowered.values():
+            for key in ("to", "from"):
+                if not nodes[key].users:
+                    self.graph.erase_node(nodes[key])
+        for node in reversed(self.erase):
+            if node.users:
+                raise RuntimeError(f"specfx: fuse_chains left {node.name} with users {list(node.users)}")
+            self.graph.erase_node(node)
+
+    def conv(self, conv: str, nodes: dict[str, fx.Node]) -> None:
+        to_c, mix_c, from_c = nodes["to"], nodes["mix"], nodes["from"]
+        x = bind_schema(to_c.target, to_c.args, to_c.kwargs)["x"]
+        key = self.name_of(x)
+        with self.graph.inserting_before(mix_c):
+            if key in self.values:
+                spectrum = self.plain(self.values[key], self.size(x), (conv, key) in self.masks, mix_c)
+                mix_c.replace_input_with(to_c, spectrum)
+            elif key in self.forward:
+                mix_c.replace_input_with(to_c, self.forward[key])
+            else:
+                self.forward[key] = to_c
+        bias = bind_schema(from_c.target, from_c.args, from_c.kwargs)["bias"]
+        self.values[conv] = Value(mix_c, None, bias)
+
+    def op(self, node: fx.Node) -> None:
+        op = self.plan.ops[node.name]
+        size = list(self.plan.sizes[node.name])
+        with self.graph.inserting_before(node):
+            if op.kind == "act":
+                v = self.spectrum(op.inputs[0])
+                if self.plan.modes.get(node.name) == "poly":
+                    poly = self.plan.poly[node.name]
+                    coeffs = self.buffer(poly.coeffs.clone(), f"{node.name}_coeffs")
+                    out = self.add(OPS.poly_activation.default,
+                                   (v.node, coeffs, self.grid, size, v.scale, v.shift, poly.mask_input), source=node)
+                else:
+                    out = self.add(OPS.spectral_activation.default,
+                                   (v.node, self.grid, size, v.scale, v.shift, op.activation, float(op.slope)),
+                                   source=node)
+                value = Value(out)
+            elif op.kind == "affine":
+                v = self.spectrum(op.inputs[0])
+                scale, shift = self.affine_terms(op, node.name)
+                value = Value(v.node, self.mul(v.scale, scale), self.plus(self.mul(v.shift, scale), shift))
+            elif op.kind == "add":
+                a, b = (self.spectrum(i) for i in op.inputs)
+                xa = a.node if a.scale is None else self.add(
+                    OPS.spectral_affine.default, (a.node, self.grid, size, a.scale, None), source=node)
+                xb = b.node if b.scale is None else self.add(
+                    OPS.spectral_affine.default, (b.node, self.grid, size, b.scale, None), source=node)
+                value = Value(self.add(OPS.spectral_add.default, (xa, xb), source=node), None,
+                              self.plus(a.shift, b.shift))
+            elif op.kind == "slice":
+                value = self.spectrum(op.inputs[0])
+            else:  # a direct conv or an average pool, as a channel contraction on the grid
+                x = op.inputs[0]
+                v = self.spectrum(x)
+                spectrum = self.plain(v, self.size(x), (node.name, self.name_of(x)) in self.masks, node)
+                if op.kind == "conv":
+                    site = conv_site(self.gm, node)
+                    w = weight_value(self.gm, site)
+                    kernel = list((w.shape if w is not None else tensor_info(site.weight)[0])[2:])
+                    dilation, pads = ch.conv_geometry_of(site, tuple(kernel))
+                    weight = self.weight(site)
+                    bias = site.bias
+                    if isinstance(bias, str):
+                        bias = self.graph.get_attr(bias)
+                    groups, shift = site.groups, [p[0] for p in pads]
+                else:
+                    channels = self.plan_channels(x)
+                    w = torch.full((channels, 1, *op.kernel), 1.0 / math.prod(op.kernel), dtype=self.plan.dtype)
+                    weight, bias, groups = self.buffer(w, f"{node.name}_kernel"), None, channels
+                    dilation, shift = [1] * self.rank, list(op.padding)
+                out = self.add(OPS.spectral_mix.default, (spectrum, weight, self.grid, list(dilation), shift, groups),
+                               source=node)
+                value = Value(out, None, bias)
+            self.values[node.name] = value
+            self.materialize(node, value, size)
+        self.erase.append(node)
+
+    def plan_channels(self, node: fx.Node) -> int:
+        return int(ch.node_rows_and_size(node, self.rank)[1])
+
+    def affine_terms(self, op: ch.ChainOp, name: str) -> tuple[Optional[fx.Node], Optional[fx.Node]]:
+        if op.bn is None:
+            return self.vector(op.scale, f"{name}_scale"), self.vector(op.shift, f"{name}_shift")
+        weight, bias, mean, var, eps = (self.vector(v, name) if not isinstance(v, float) else v for v in op.bn)
+        inv_std = self.add(torch.rsqrt, (self.add(torch.add, (var, eps)),))
+        scale = self.mul(weight, inv_std)
+        shift = self.add(torch.neg, (self.add(torch.mul, (mean, scale)),))
+        return scale, self.plus(bias, shift)
+
+    def materialize(self, node: fx.Node, value: Value, size: list[int]) -> None:
+        """``from_spectrum`` for the readers of ``node`` that read it spatially."""
+        def spectral_reader(user: fx.Node) -> bool:
+            if user.name in self.spectral:
+                op = self.plan.ops[user.name]
+                return any(self.name_of(i) == node.name for i in op.inputs) \
+                    and not any(a is node for a in _non_chain_args(user, op, self))
+            return user.target is OPS.to_spectrum.default and any(
+                user in nodes for nodes in [self._lowered_to()])
+
+        spatial = [u for u in node.users if not spectral_reader(u)]
+        if not spatial:
+            return
+        x = value.node if value.scale is None else self.add(
+            OPS.spectral_affine.default, (value.node, self.grid, size, value.scale, None), source=node)
+        y = self.add(OPS.from_spectrum.default,
+                     (x, self.grid, size, [1] * self.rank, value.shift, self.plan.dtype), source=node)
+        y.meta[node_meta.REPLACES] = node.name
+        for user in spatial:
+            user.replace_input_with(node, y)
+
+    def _lowered_to(self) -> set[fx.Node]:
+        if not hasattr(self, "_to_nodes"):
+            self._to_nodes = {ch.lowered_nodes(self.gm, c).get("to") for c in self.plan.convs}
+        return self._to_nodes
+
+
+def _non_chain_args(user: fx.Node, op: ch.ChainOp, rewriter: "_Rewriter") -> list[fx.Node]:
+    """Nodes ``user`` reads besides its chain inputs (e.g. a per-channel operand)."""
+    names = {rewriter.name_of(i) for i in op.inputs}
+    return [n for n in user.all_input_nodes if rewriter.name_of(n) not in names]
+
+
+def fuse_chains(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    modified = False
+    for decision in ctx.report.chains:
+        if decision.fused and decision.plan is not None:
+            _Rewriter(gm, decision.plan).run()
+            modified = True
+    if modified:
+        gm.graph.eliminate_dead_code()
+    ctx.report.transforms = count_transforms(gm)
+    return PassResult(gm, modified)
