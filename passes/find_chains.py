@@ -650,21 +650,28 @@ def _real_inputs(inputs) -> bool:
 
 
 def _fit_polys(gm: fx.GraphModule, ctx: PassContext, acts: dict[str, Member], rank: int) -> tuple[dict[str, ch.PolyPlan], str]:
-    """Fit each activation's polynomial on the example inputs' pre-activation values."""
-    if not acts:
-        return {}, ""
+    """Each activation's polynomial: the square exactly; the others fitted on the
+    pre-activation values the example inputs produce (which need real inputs)."""
+    fits, degree = {}, ctx.settings.poly_degree
+    for name, m in acts.items():
+        if m.op.activation == "square":
+            coeffs = torch.zeros(m.channels_out, max(degree, 2) + 1, dtype=torch.float64)
+            coeffs[:, 2] = 1.0
+            fits[name] = ch.PolyPlan(coeffs, False, 0.0)
+    fitted = {n: m for n, m in acts.items() if n not in fits}
+    if not fitted:
+        return fits, ""
     if not _real_inputs(ctx.example_inputs):
-        return {}, "no real example inputs to fit the polynomial activations on"
-    wanted = {m.op.inputs[0].name for m in acts.values()}
+        return fits, "no real example inputs to fit the polynomial activations on"
+    wanted = {m.op.inputs[0].name for m in fitted.values()}
     recorder = _Recorder(gm, wanted)
     with preserved_state(gm), torch.no_grad():
         recorder.run(*ctx.example_inputs)
-    fits = {}
-    for name, m in acts.items():
+    for name, m in fitted.items():
         samples = recorder.values.get(m.op.inputs[0].name)
         if samples is None:
             continue
-        coeffs, error = ch.fit_poly(samples, m.op.activation, m.op.slope, ctx.settings.poly_degree, rank)
+        coeffs, error = ch.fit_poly(samples, m.op.activation, m.op.slope, degree, rank)
         fits[name] = ch.PolyPlan(coeffs, False, error)
     return fits, ""
 
@@ -806,7 +813,8 @@ def _decide(gm, ctx, comp, members, rank, fits, poly_note, name) -> ChainDecisio
                         spectral=spectral_ops, modes={n: best.modes.get(n, "exact") for n in spectral_ops
                                                       if members[n].op.kind == "act"},
                         poly=poly_plans, masks=list(best.masks), sizes=sizes,
-                        ops={n: members[n].op for n in spectral_ops})
+                        ops={n: members[n].op for n in spectral_ops},
+                        inline_device=_device(members[anchors[0]].node) if ctx.report.frontend == "dynamo" else None)
     # The convs of a fused chain are lowered onto its grid.
     for n in anchors:
         conv_plan = members[n].plan
@@ -817,3 +825,11 @@ def _decide(gm, ctx, comp, members, rank, fits, poly_note, name) -> ChainDecisio
                          True, reason, padding, tuple(best.grid), eliminated, activations, cost,
                          best.transforms, per_conv_t, plan=plan)
 
+
+
+def _device(node: fx.Node) -> str:
+    for key in ("example_value", "val"):
+        value = node.meta.get(key)
+        if isinstance(value, torch.Tensor):
+            return str(value.device)
+    return "cpu"

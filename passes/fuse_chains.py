@@ -95,6 +95,8 @@ class _Rewriter:
         return node
 
     def buffer(self, value: torch.Tensor, what: str) -> fx.Node:
+        if self.plan.inline_device is not None:
+            return self.add(torch.tensor, (value.tolist(),), {"dtype": value.dtype, "device": self.plan.inline_device})
         name = f"_specfx_{self.plan.name}_{what}"
         while hasattr(self.gm, name):
             self.buffers += 1

@@ -542,6 +542,10 @@ class ChainPlan:
     sizes: dict[str, tuple[int, ...]]      # spatial size of every tensor of the chain
     ops: dict[str, ChainOp] = dataclasses.field(default_factory=dict)  # the spectral nodes' ops,
     # as recognized before lowering (their ``inputs`` may name convs that lowering replaced)
+    # Constants (poly coefficients, pooling kernels, scalars) become non-persistent buffers,
+    # or, in Dynamo graphs (whose parameters are all inputs), constants made in the graph
+    # on this device.
+    inline_device: Optional[str] = None
 
 
 def node_rows_and_size(node: fx.Node, rank: int) -> Optional[tuple[int, int, tuple[int, ...], torch.dtype]]:
