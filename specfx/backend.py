@@ -13,7 +13,10 @@ point imports this module, which imports :mod:`specfx` and so registers the spec
 
 Options: ``torch.compile(model, backend="specfx", options={"policy": "always"})`` — the
 keys are the fields of :class:`specfx.pipeline.Settings`; any other key raises. ``mode``
-is passed on to Inductor.
+is passed on to Inductor. Chain fusion (``"chains"``, ``"spectral_activation"``) works
+as in :func:`specfx.optimize`, except that Dynamo hands the backend fake example inputs,
+so ``spectral_activation="poly"`` can only use polynomials it need not fit (the square);
+other activations stay exact, with the reason in the report.
 
 Each compiled graph's :class:`~specfx.report.Report` is kept in this process (see
 :func:`compiled_reports`), and with ``TORCH_TRACE`` set its graph diff is written to the

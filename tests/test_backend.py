@@ -119,11 +119,13 @@ def test_import_does_not_register_the_backend() -> None:
 def test_options_become_settings() -> None:
     assert settings_from_options({"policy": "never"}).policy == "never"
     assert settings_from_options(None).policy == "auto"
+    chain_options = settings_from_options({"spectral_activation": "poly", "chains": False})
+    assert (chain_options.spectral_activation, chain_options.chains) == ("poly", False)
 
 
 def test_unknown_options_are_named() -> None:
-    with pytest.raises(ValueError, match=r"unknown specfx option\(s\) 'bogus', 'spectral_activation'.*'policy'"):
-        settings_from_options({"policy": "auto", "spectral_activation": "exact", "bogus": 1})
+    with pytest.raises(ValueError, match=r"unknown specfx option\(s\) 'bogus', 'fusion_level'.*'policy'"):
+        settings_from_options({"policy": "auto", "fusion_level": "exact", "bogus": 1})
     with pytest.raises(ValueError, match="policy must be one of"):
         settings_from_options({"policy": "fastest"})
 
@@ -133,8 +135,8 @@ def test_unknown_option_fails_the_compile() -> None:
         def forward(self, x):
             return super().forward(x) + 1
 
-    compiled = torch.compile(OptionNet(1, 1, 3), backend="specfx", options={"spectral_activation": "exact"})
-    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="unknown specfx option.*'spectral_activation'"):
+    compiled = torch.compile(OptionNet(1, 1, 3), backend="specfx", options={"fusion_level": "exact"})
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="unknown specfx option.*'fusion_level'"):
         compiled(torch.randn(1, 1, 8))
 
 
