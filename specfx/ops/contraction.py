@@ -11,6 +11,11 @@
 
 :func:`choose_path` picks between them; each path has its own weight layout, which the
 weight-spectrum cache stores so the layout work is paid once.
+
+The adjoints (the input and kernel gradients) run inside custom ops, like the forward:
+their conjugates are materialized (``conj_physical``), because a custom op's kernel called
+under a ``TorchDispatchMode`` (AOTAutograd's first call of a compiled graph) runs with the
+``Conjugate`` dispatch key excluded, where elementwise ops ignore a lazy conj bit.
 """
 
 from __future__ import annotations
@@ -43,7 +48,23 @@ def layout_gemm(w_hat: torch.Tensor, groups: int) -> torch.Tensor:
 LAYOUTS = {ACCUMULATE: layout_accumulate, GEMM: layout_gemm}
 
 
-def _flatten(x_hat: torch.Tensor, groups: int, spectral_rank: int) -> torch.Tensor:
+def laid_shape(c_out: int, c_in_g: int, freqs: int, groups: int, path: str) -> tuple[int, ...]:
+    """Shape of a ``(C_out, C_in/g)`` kernel spectrum of ``freqs`` bins laid out for ``path``."""
+    if path == ACCUMULATE:
+        return (groups, c_out // groups, c_in_g, freqs)
+    return (groups * freqs, c_in_g, c_out // groups)
+
+
+def group_view(laid: torch.Tensor, groups: int, path: str) -> torch.Tensor:
+    """A laid-out kernel spectrum viewed as ``(g, C_out/g, C_in/g, F)``: writing a block of
+    kernel spectra through this view lays it out."""
+    if path == ACCUMULATE:
+        return laid
+    freqs = laid.shape[0] // groups
+    return laid.view(groups, freqs, *laid.shape[1:]).permute(0, 3, 2, 1)
+
+
+def flatten_groups(x_hat: torch.Tensor, groups: int, spectral_rank: int) -> torch.Tensor:
     """``(*batch, C, *bins)`` → ``(N, g, C/g, F)``; an unbatched input has N = 1."""
     channels = x_hat.shape[x_hat.dim() - spectral_rank - 1]
     return x_hat.reshape(-1, groups, channels // groups, x_hat.shape[-spectral_rank:].numel())
@@ -83,37 +104,41 @@ def _gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def mix(x_hat: torch.Tensor, w_laid: torch.Tensor, groups: int, spectral_rank: int, path: str) -> torch.Tensor:
     """``Y[n, o, f] = Σ_c X[n, c, f] · W[o, c, f]`` within each group; contiguous."""
-    x = _flatten(x_hat, groups, spectral_rank)
+    x = flatten_groups(x_hat, groups, spectral_rank)
     y = _accumulate(x, w_laid) if path == ACCUMULATE else _gemm(x, w_laid)
     return _unflatten(y, x_hat, spectral_rank)
 
 
 def mix_adjoint_input(grad_y: torch.Tensor, w_laid: torch.Tensor, groups: int, spectral_rank: int,
                       path: str) -> torch.Tensor:
-    """Gradient of :func:`mix` with respect to ``x_hat``: the same contraction with
-    ``conj(W)`` transposed, laid out for ``path``."""
-    g = _flatten(grad_y, groups, spectral_rank)
-    if path == ACCUMULATE:
-        gx = _accumulate(g, w_laid.conj().transpose(1, 2))
+    """Gradient of :func:`mix` with respect to ``x_hat``: ``Σ_o gY[n, o, f]·conj(W[o, c, f])``
+    within each group, with ``W`` laid out for ``path``; contiguous.
+
+    The conjugate is materialized on the smaller operand: ``conj(W)`` directly, or, where
+    the kernel spectrum is the larger (wide convs on short signals),
+    ``conj(Σ_o conj(gY)·W)``, conjugating the result in place.
+    """
+    g = flatten_groups(grad_y, groups, spectral_rank)
+    contract = _accumulate if path == ACCUMULATE else _gemm
+    if w_laid.numel() <= g.numel():
+        gx = contract(g, w_laid.conj_physical().transpose(1, 2))
     else:
-        gx = _gemm(g, w_laid.conj().transpose(1, 2))
+        gx = contract(g.conj_physical(), w_laid.transpose(1, 2)).conj_physical_()
     return _unflatten(gx, grad_y, spectral_rank)
 
 
-def mix_adjoint_weight(x_hat: torch.Tensor, grad_y: torch.Tensor, groups: int,
-                       spectral_rank: int) -> torch.Tensor:
-    """Gradient of :func:`mix` with respect to the weight spectrum, as
-    ``(C_out, C_in/g, *bins)``: ``Σ_n conj(X[n, c, f]) · gY[n, o, f]``."""
-    x = _flatten(x_hat, groups, spectral_rank).conj()
-    g = _flatten(grad_y, groups, spectral_rank)
-    n, groups_, c_in_g, freqs = x.shape
-    if n <= 4 or c_in_g == 1:
-        # (g, O, C, F): a sum over the batch of outer products in the channel dims.
-        gw = g[0, :, :, None, :] * x[0, :, None, :, :]
+def batch_outer(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``K[j, o, c, f] = Σ_n x[n, j, c, f]·g[n, j, o, f]``: ``(N, g, C, F)`` and
+    ``(N, g, O, F)`` → ``(g, O, C, F)``, contiguous; the kernel-gradient contraction (the
+    caller passes the conjugates it needs)."""
+    n, groups, c, freqs = x.shape
+    if n <= 4 or c == 1:
+        # A sum over the batch of outer products in the channel dims.
+        k = g[0, :, :, None, :] * x[0, :, None, :, :]
         for i in range(1, n):
-            gw.addcmul_(g[i, :, :, None, :], x[i, :, None, :, :])
-    else:
-        rows_x = x.permute(1, 3, 2, 0).reshape(groups_ * freqs, c_in_g, n)
-        rows_g = g.permute(1, 3, 0, 2).reshape(groups_ * freqs, n, g.shape[2])
-        gw = torch.bmm(rows_x, rows_g).view(groups_, freqs, c_in_g, -1).permute(0, 3, 2, 1)
-    return gw.reshape(-1, c_in_g, *x_hat.shape[-spectral_rank:])
+            k.addcmul_(g[i, :, :, None, :], x[i, :, None, :, :])
+        return k
+    rows_x = x.permute(1, 3, 2, 0).reshape(groups * freqs, c, n)
+    rows_g = g.permute(1, 3, 0, 2).reshape(groups * freqs, n, g.shape[2])
+    k = torch.bmm(rows_x, rows_g).view(groups, freqs, c, -1)
+    return k.permute(0, 3, 2, 1).contiguous()

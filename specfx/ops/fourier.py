@@ -12,6 +12,11 @@ from typing import Sequence
 
 import torch
 
+# Transforms and kernel-spectrum work run over blocks of rows of about this many bytes, so
+# that their temporaries (zero-padded grids, an inverse transform's copy of its input, a
+# block of kernel spectra) stay a few MiB instead of growing with the whole tensor.
+BLOCK_BYTES = 4 << 20
+
 
 def spatial_dims(rank: int) -> list[int]:
     """The last ``rank`` dims, as negative indices."""
@@ -50,18 +55,28 @@ def _one_sided_weights(fft_size: Sequence[int], dtype: torch.dtype, device) -> t
     return weights
 
 
+def rfftn_adjoint_scale(fft_size: Sequence[int], dtype: torch.dtype, device) -> torch.Tensor:
+    """Per-bin factor (along the last axis) that makes ``irfftn`` the adjoint of
+    :func:`rfftn`: ``N`` over the bin's multiplicity."""
+    return math.prod(fft_size) / _one_sided_weights(fft_size, dtype, device)
+
+
+def irfftn_adjoint_scale(fft_size: Sequence[int], dtype: torch.dtype, device) -> torch.Tensor:
+    """Per-bin factor (along the last axis) that makes ``rfftn`` the adjoint of
+    :func:`irfftn`: the bin's multiplicity over ``N``."""
+    return _one_sided_weights(fft_size, dtype, device) / math.prod(fft_size)
+
+
 def rfftn_adjoint(grad: torch.Tensor, fft_size: Sequence[int]) -> torch.Tensor:
     """Adjoint of :func:`rfftn` (as a real-linear map onto the full ``fft_size`` grid).
 
     ``rfftn`` keeps one bin of each conjugate pair, so its adjoint is ``N · irfftn`` of the
     gradient with the paired bins weighted by 1/2 (``irfftn`` counts each of them twice).
     """
-    weights = _one_sided_weights(fft_size, grad.real.dtype, grad.device)
-    return irfftn(grad / weights, fft_size) * math.prod(fft_size)
+    return irfftn(grad * rfftn_adjoint_scale(fft_size, grad.real.dtype, grad.device), fft_size)
 
 
 def irfftn_adjoint(grad: torch.Tensor, fft_size: Sequence[int]) -> torch.Tensor:
     """Adjoint of :func:`irfftn`: ``rfftn`` of the gradient, scaled by each bin's
     multiplicity over ``N``."""
-    weights = _one_sided_weights(fft_size, grad.dtype, grad.device)
-    return rfftn(grad, fft_size) * (weights / math.prod(fft_size))
+    return rfftn(grad, fft_size) * irfftn_adjoint_scale(fft_size, grad.dtype, grad.device)

@@ -21,22 +21,19 @@ from typing import Optional
 import torch
 
 from . import contraction, folding, fourier
-from .weight_spectrum import SPECTRUM_CACHE, weight_spectrum_adjoint
+from .weight_spectrum import SPECTRUM_CACHE, kernel_gradient
 
 
 def _complex_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.complex128 if fourier.real_dtype_for(dtype) == torch.float64 else torch.complex64
 
 
-# Transforms run over blocks of (batch x channel) rows, so that their temporaries (the
-# zero-padded input, the inverse transform's copy of its input, its full-grid output)
-# stay a few MiB instead of growing with the whole tensor: a lowered conv's peak memory is
-# then its two spectra and its output.
-_BLOCK_BYTES = 4 << 20
-
-
+# Transforms run over blocks of (batch x channel) rows of fourier.BLOCK_BYTES, so that
+# their temporaries (the zero-padded input, the inverse transform's copy of its input, its
+# full-grid output) stay a few MiB instead of growing with the whole tensor: a lowered
+# conv's peak memory is then its two spectra and its output.
 def _row_blocks(rows: int, fft_size: list[int], element_bytes: int) -> list[slice]:
-    step = max(1, _BLOCK_BYTES // (math.prod(fft_size) * element_bytes))
+    step = max(1, fourier.BLOCK_BYTES // (math.prod(fft_size) * element_bytes))
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
@@ -75,10 +72,12 @@ def _to_spectrum_setup(ctx, inputs, output):
 
 
 def _to_spectrum_backward(ctx, grad):
-    grid = fourier.rfftn_adjoint(grad, ctx.fft_size)
-    for axis, n in enumerate(ctx.in_size):
-        grid = grid.narrow(grid.dim() - len(ctx.in_size) + axis, 0, n)
-    return grid.to(ctx.x_dtype), None, None
+    # The adjoint of a zero-padded rfftn is N·irfftn, with each paired bin halved, cropped
+    # to the input: from_spectrum of the rescaled gradient, one inverse transform run over
+    # blocks straight into a contiguous input gradient (and differentiable again).
+    rank = len(ctx.fft_size)
+    scaled = grad * fourier.rfftn_adjoint_scale(ctx.fft_size, grad.real.dtype, grad.device)
+    return from_spectrum(scaled, ctx.fft_size, ctx.in_size, [1] * rank, None, ctx.x_dtype), None, None
 
 
 to_spectrum.register_autograd(_to_spectrum_backward, setup_context=_to_spectrum_setup)
@@ -91,8 +90,15 @@ def _batch(x_hat: torch.Tensor, spectral_rank: int) -> int:
 
 
 def _laid_weight(x_hat, weight, fft_size, dilation, shift, groups, path) -> torch.Tensor:
-    laid = SPECTRUM_CACHE.get(weight, fft_size, dilation, shift, groups, contraction.LAYOUTS[path])
+    laid = SPECTRUM_CACHE.get(weight, fft_size, dilation, shift, groups, path)
     return laid.to(x_hat.dtype)
+
+
+def _mix_path(weight: torch.Tensor, spectrum: torch.Tensor, spectral_rank: int) -> str:
+    """The contraction path of a spectral conv with this weight and batch. The backward's
+    input gradient uses the forward's path too, so that it finds the weight spectrum the
+    forward cached, laid out for that path (another layout would transform the weight again)."""
+    return contraction.choose_path(weight.shape[1], _batch(spectrum, spectral_rank))
 
 
 @torch.library.custom_op("specfx::spectral_mix", mutates_args=())
@@ -102,7 +108,7 @@ def spectral_mix(x_hat: torch.Tensor, weight: torch.Tensor, fft_size: list[int],
     kernel ``weight`` (a conv weight, ``(C_out, C_in/groups, *k)``), placed on the grid
     with ``dilation`` and shifted left by ``shift`` (the conv's left padding)."""
     rank = len(fft_size)
-    path = contraction.choose_path(weight.shape[1], _batch(x_hat, rank))
+    path = _mix_path(weight, x_hat, rank)
     laid = _laid_weight(x_hat, weight, fft_size, dilation, shift, groups, path)
     return contraction.mix(x_hat, laid, groups, rank, path)
 
@@ -116,27 +122,119 @@ def _(x_hat, weight, fft_size, dilation, shift, groups):
 
 def _spectral_mix_setup(ctx, inputs, output):
     x_hat, weight, fft_size, dilation, shift, groups = inputs
-    ctx.save_for_backward(x_hat, weight)
+    # Each gradient needs only the other operand: the input spectrum, the largest tensor
+    # here, is kept only when the weight needs a gradient.
+    ctx.save_for_backward(x_hat if ctx.needs_input_grad[1] else None, weight)
     ctx.geometry = (fft_size, dilation, shift, groups)
 
 
 def _spectral_mix_backward(ctx, grad):
     x_hat, weight = ctx.saved_tensors
     fft_size, dilation, shift, groups = ctx.geometry
-    rank = len(fft_size)
     grad_x = grad_w = None
-    if ctx.needs_input_grad[0]:
-        # The input gradient contracts over the output channels of each group.
-        path = contraction.choose_path(weight.shape[0] // groups, _batch(grad, rank))
-        laid = _laid_weight(x_hat, weight, fft_size, dilation, shift, groups, path)
-        grad_x = contraction.mix_adjoint_input(grad, laid, groups, rank, path)
+    # The kernel gradient first: the input gradient's spectrum is not yet allocated while
+    # its blocks run.
     if ctx.needs_input_grad[1]:
-        grad_w_hat = contraction.mix_adjoint_weight(x_hat, grad, groups, rank)
-        grad_w = weight_spectrum_adjoint(grad_w_hat, weight, fft_size, dilation, shift)
+        grad_w = spectral_mix_grad_weight(x_hat, grad, list(weight.shape[2:]), fft_size, dilation, shift,
+                                          groups, weight.dtype)
+    if ctx.needs_input_grad[0]:
+        grad_x = spectral_mix_grad_input(grad, weight, fft_size, dilation, shift, groups)
     return grad_x, grad_w, None, None, None, None
 
 
 spectral_mix.register_autograd(_spectral_mix_backward, setup_context=_spectral_mix_setup)
+
+
+# --- spectral_mix's gradients ------------------------------------------------------------
+#
+# Both are custom ops too, so that a compiled backward graph holds them as single nodes:
+# the input gradient then reads the weight spectrum the forward cached (traced into plain
+# tensor code, it would transform the weight again), and both run over blocks, as the
+# forward does. Each one's own gradient is again one of the three mix ops, so gradients of
+# any order stay in the frequency domain:
+#   grad_input(G, w)  = Σ_o G[o]·conj(Ŵ[o, c])   — linear in G, and in w
+#   grad_weight(X, G) = S*(Σ_n conj(X[n, c])·G[n, o])   (S* the adjoint of w ↦ Ŵ)
+# with vector-Jacobian products (V the incoming gradient)
+#   grad_input:  d/dG = mix(V, w),            d/dw = grad_weight(V, G)
+#   grad_weight: d/dX = grad_input(G, V),     d/dG = mix(X, V)
+
+@torch.library.custom_op("specfx::spectral_mix_grad_input", mutates_args=())
+def spectral_mix_grad_input(grad: torch.Tensor, weight: torch.Tensor, fft_size: list[int],
+                            dilation: list[int], shift: list[int], groups: int) -> torch.Tensor:
+    """Gradient of :func:`spectral_mix` with respect to its input spectrum, given the
+    gradient ``grad`` of its output: ``Σ_o grad[n, o, f]·conj(Ŵ[o, c, f])`` within each
+    group, from the weight spectrum the forward cached (no transform)."""
+    rank = len(fft_size)
+    path = _mix_path(weight, grad, rank)
+    laid = _laid_weight(grad, weight, fft_size, dilation, shift, groups, path)
+    return contraction.mix_adjoint_input(grad, laid, groups, rank, path)
+
+
+@spectral_mix_grad_input.register_fake
+def _(grad, weight, fft_size, dilation, shift, groups):
+    rank = len(fft_size)
+    batch = grad.shape[: grad.dim() - rank - 1]
+    return grad.new_empty((*batch, weight.shape[1] * groups, *grad.shape[-rank:]))
+
+
+def _grad_input_setup(ctx, inputs, output):
+    grad, weight, fft_size, dilation, shift, groups = inputs
+    ctx.save_for_backward(grad if ctx.needs_input_grad[1] else None, weight)
+    ctx.geometry = (fft_size, dilation, shift, groups)
+
+
+def _grad_input_backward(ctx, v):
+    grad, weight = ctx.saved_tensors
+    fft_size, dilation, shift, groups = ctx.geometry
+    d_grad = d_weight = None
+    if ctx.needs_input_grad[0]:
+        d_grad = spectral_mix(v, weight, fft_size, dilation, shift, groups)
+    if ctx.needs_input_grad[1]:
+        d_weight = spectral_mix_grad_weight(v, grad, list(weight.shape[2:]), fft_size, dilation, shift,
+                                            groups, weight.dtype)
+    return d_grad, d_weight, None, None, None, None
+
+
+spectral_mix_grad_input.register_autograd(_grad_input_backward, setup_context=_grad_input_setup)
+
+
+@torch.library.custom_op("specfx::spectral_mix_grad_weight", mutates_args=())
+def spectral_mix_grad_weight(x_hat: torch.Tensor, grad: torch.Tensor, kernel_size: list[int],
+                             fft_size: list[int], dilation: list[int], shift: list[int], groups: int,
+                             weight_dtype: torch.dtype) -> torch.Tensor:
+    """Gradient of :func:`spectral_mix` with respect to its spatial kernel (of
+    ``kernel_size``, as ``weight_dtype``), given its input spectrum ``x_hat`` and the
+    gradient ``grad`` of its output: one inverse transform of the kernel spectra's gradient,
+    run over blocks of output channels."""
+    return kernel_gradient(x_hat, grad, kernel_size, fft_size, dilation, shift, groups, weight_dtype)
+
+
+@spectral_mix_grad_weight.register_fake
+def _(x_hat, grad, kernel_size, fft_size, dilation, shift, groups, weight_dtype):
+    channel_dim = grad.dim() - len(fft_size) - 1
+    return x_hat.new_empty((grad.shape[channel_dim], x_hat.shape[channel_dim] // groups, *kernel_size),
+                           dtype=weight_dtype)
+
+
+def _grad_weight_setup(ctx, inputs, output):
+    x_hat, grad, kernel_size, fft_size, dilation, shift, groups, weight_dtype = inputs
+    ctx.save_for_backward(x_hat if ctx.needs_input_grad[1] else None,
+                          grad if ctx.needs_input_grad[0] else None)
+    ctx.geometry = (fft_size, dilation, shift, groups)
+
+
+def _grad_weight_backward(ctx, v):
+    x_hat, grad = ctx.saved_tensors
+    fft_size, dilation, shift, groups = ctx.geometry
+    d_x_hat = d_grad = None
+    if ctx.needs_input_grad[0]:
+        d_x_hat = spectral_mix_grad_input(grad, v, fft_size, dilation, shift, groups)
+    if ctx.needs_input_grad[1]:
+        d_grad = spectral_mix(x_hat, v, fft_size, dilation, shift, groups)
+    return d_x_hat, d_grad, None, None, None, None, None, None
+
+
+spectral_mix_grad_weight.register_autograd(_grad_weight_backward, setup_context=_grad_weight_setup)
 
 
 # --- from_spectrum -----------------------------------------------------------------------
@@ -161,14 +259,34 @@ def _crop(y: torch.Tensor, out_size: list[int], stride: list[int], fft_size: lis
 
 
 def _uncrop(grad: torch.Tensor, out_size: list[int], stride: list[int], fft_size: list[int]) -> torch.Tensor:
-    """Adjoint of :func:`_crop`: scatter-add the gradient back onto the grid."""
+    """Adjoint of :func:`_crop` up to zero padding at the end (which the forward transform
+    of the result adds): the gradient at its grid positions. Axes the crop only narrowed
+    are kept as they are, strided axes are zero-stuffed up to their last output, and
+    outputs that wrap around a circular grid are added up on the whole grid."""
     rank = len(fft_size)
     for axis, (out, s, n) in enumerate(zip(out_size, stride, fft_size)):
         dim = grad.dim() - rank + axis
         shape = list(grad.shape)
-        shape[dim] = n
-        grad = grad.new_zeros(shape).index_add_(dim, _output_positions(out, s, n, grad.device), grad)
+        if s == 1 and out <= n:
+            continue
+        if (out - 1) * s < n:
+            shape[dim] = (out - 1) * s + 1
+            stuffed = grad.new_zeros(shape)
+            stuffed[(slice(None),) * dim + (slice(None, None, s),)] = grad
+            grad = stuffed
+        else:
+            shape[dim] = n
+            grad = grad.new_zeros(shape).index_add_(dim, _output_positions(out, s, n, grad.device), grad)
     return grad
+
+
+def _crop_adjoint(grad: torch.Tensor, out_size: list[int], stride: list[int], fft_size: list[int]) -> torch.Tensor:
+    """Adjoint of an inverse transform at ``fft_size`` followed by :func:`_crop`: the
+    gradient back at its positions, one forward transform (``to_spectrum``: run over blocks,
+    and differentiable again), and the scale that makes it ``irfftn``'s adjoint."""
+    placed = _uncrop(grad, out_size, stride, fft_size)
+    spectrum = to_spectrum(placed, list(placed.shape[placed.dim() - len(fft_size):]), fft_size)
+    return spectrum.mul_(fourier.irfftn_adjoint_scale(fft_size, spectrum.real.dtype, spectrum.device))
 
 
 def _channel_view(bias: torch.Tensor, rank: int) -> torch.Tensor:
@@ -189,10 +307,9 @@ def _inverse(y_hat: torch.Tensor, fft_size: list[int], out_size: list[int], stri
 def _inverse_adjoint(grad: torch.Tensor, fft_size: list[int], out_size: list[int], stride: list[int]) -> torch.Tensor:
     if folding.applies(fft_size, stride, out_size):
         grid = folding.folded_size(fft_size, stride)
-        ones = [1] * len(fft_size)
-        folded = fourier.irfftn_adjoint(_uncrop(grad, out_size, ones, grid), grid)
+        folded = _crop_adjoint(grad, out_size, [1] * len(fft_size), grid)
         return folding.fold_adjoint(folded, fft_size, stride)
-    return fourier.irfftn_adjoint(_uncrop(grad, out_size, stride, fft_size), fft_size)
+    return _crop_adjoint(grad, out_size, stride, fft_size)
 
 
 @torch.library.custom_op("specfx::from_spectrum", mutates_args=())

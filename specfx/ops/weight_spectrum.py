@@ -10,13 +10,14 @@ circular padding means.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import math
+from typing import Sequence
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import fourier
+from . import contraction, fourier
 
 
 def tap_positions(kernel_size: int, dilation: int, shift: int, fft_size: int, device) -> torch.Tensor:
@@ -50,25 +51,79 @@ def place_kernel_adjoint(grid: torch.Tensor, kernel_size: Sequence[int], dilatio
     return taps
 
 
+def kernel_blocks(groups: int, out_per_group: int, bytes_per_channel: int) -> list[tuple[slice, slice]]:
+    """Blocks ``(groups, output channels within each group)`` of a kernel of about
+    :data:`fourier.BLOCK_BYTES` each, for work that costs ``bytes_per_channel`` per output
+    channel: whole groups at a time where a group fits, else slices of one group."""
+    per_group = out_per_group * bytes_per_channel
+    if per_group <= fourier.BLOCK_BYTES:
+        step = max(1, fourier.BLOCK_BYTES // per_group)
+        return [(slice(g, min(g + step, groups)), slice(None)) for g in range(0, groups, step)]
+    step = max(1, fourier.BLOCK_BYTES // bytes_per_channel)
+    return [(slice(g, g + 1), slice(o, min(o + step, out_per_group)))
+            for g in range(groups) for o in range(0, out_per_group, step)]
+
+
+def _complex_dtype(real: torch.dtype) -> torch.dtype:
+    return torch.complex128 if real == torch.float64 else torch.complex64
+
+
 def weight_spectrum(w: torch.Tensor, fft_size: Sequence[int], dilation: Sequence[int],
-                    shift: Sequence[int]) -> torch.Tensor:
-    """Conjugate spectrum of the placed kernel, shape ``(C_out, C_in/groups, *bins)``.
+                    shift: Sequence[int], groups: int, path: str) -> torch.Tensor:
+    """Conjugate spectrum of the placed kernel, laid out for the contraction ``path``
+    (:func:`contraction.laid_shape`).
 
     The conjugate turns the pointwise product into a correlation, as torch's convs are.
     It is materialized, not a lazy conj view: a custom op's kernel called under a
     ``TorchDispatchMode`` (AOTAutograd runs the first call of every compiled graph under
     one) runs with the ``Conjugate`` dispatch key excluded, so ops there ignore the conj bit.
+    The kernels are placed and transformed a block of output channels at a time and written
+    straight into the layout, so the peak is the spectrum and one block: in training it is
+    computed every step.
     """
     real = fourier.real_dtype_for(w.dtype)
-    return fourier.rfftn(place_kernel(w.to(real), fft_size, dilation, shift), fft_size).conj_physical()
-
-
-def weight_spectrum_adjoint(grad: torch.Tensor, w: torch.Tensor, fft_size: Sequence[int],
-                            dilation: Sequence[int], shift: Sequence[int]) -> torch.Tensor:
-    """Adjoint of :func:`weight_spectrum`: the gradient of the spatial kernel."""
     rank = len(fft_size)
-    grid = fourier.rfftn_adjoint(grad.conj(), fft_size)
-    return place_kernel_adjoint(grid, w.shape[-rank:], dilation, shift).to(w.dtype)
+    c_out, c_in_g = w.shape[:2]
+    out_per_group = c_out // groups
+    freqs = math.prod(fourier.rfft_bins(fft_size))
+    laid = torch.empty(contraction.laid_shape(c_out, c_in_g, freqs, groups, path),
+                       dtype=_complex_dtype(real), device=w.device)
+    target = contraction.group_view(laid, groups, path)
+    kernels = w.reshape(groups, out_per_group, c_in_g, *w.shape[2:])
+    grid_bytes = c_in_g * math.prod(fft_size) * laid.element_size()
+    for group_block, out_block in kernel_blocks(groups, out_per_group, grid_bytes):
+        block = kernels[group_block, out_block].to(real)
+        spectrum = fourier.rfftn(place_kernel(block, fft_size, dilation, shift), fft_size)
+        target[group_block, out_block] = spectrum.conj_physical_().flatten(-rank)
+    return laid
+
+
+def kernel_gradient(x_hat: torch.Tensor, grad: torch.Tensor, kernel_size: Sequence[int],
+                    fft_size: Sequence[int], dilation: Sequence[int], shift: Sequence[int],
+                    groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """Gradient of the spatial kernel of a spectral conv whose input spectrum is ``x_hat``
+    and whose output spectrum has gradient ``grad``: the adjoint of :func:`weight_spectrum`
+    applied to the kernel spectrum's gradient ``Σ_n conj(x̂[n, c])·ĝ[n, o]``.
+
+    That adjoint undoes the spectrum's conjugate, so what is transformed is
+    ``K[o, c] = Σ_n x̂[n, c]·conj(ĝ[n, o])``: ``N·irfftn(K / multiplicity)`` on the grid,
+    read back at the kernel's taps. One inverse transform of ``(C_out, C_in/g)`` grids,
+    run a block of output channels at a time, so only a block of ``K`` and of the grids
+    exists at once. Returns ``(C_out, C_in/g, *kernel_size)`` in ``dtype``.
+    """
+    rank = len(fft_size)
+    x = contraction.flatten_groups(x_hat, groups, rank)
+    g = contraction.flatten_groups(grad, groups, rank)
+    c_in_g, out_per_group = x.shape[2], g.shape[2]
+    scale = fourier.rfftn_adjoint_scale(fft_size, x_hat.real.dtype, x_hat.device)
+    out = torch.empty((groups, out_per_group, c_in_g, *kernel_size), dtype=dtype, device=x_hat.device)
+    grid_bytes = c_in_g * math.prod(fft_size) * x_hat.element_size()
+    for group_block, out_block in kernel_blocks(groups, out_per_group, grid_bytes):
+        k = contraction.batch_outer(x[:, group_block], g[:, group_block, out_block].conj_physical())
+        k = k.view(*k.shape[:3], *x_hat.shape[-rank:]).mul_(scale)
+        grid = fourier.irfftn(k, fft_size)
+        out[group_block, out_block] = place_kernel_adjoint(grid, kernel_size, dilation, shift)
+    return out.view(groups * out_per_group, c_in_g, *kernel_size)
 
 
 class SpectrumCache:
@@ -98,13 +153,12 @@ class SpectrumCache:
         self.misses = 0
 
     def get(self, w: torch.Tensor, fft_size: Sequence[int], dilation: Sequence[int],
-            shift: Sequence[int], groups: int,
-            layout: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
-        """The spectrum of ``w`` as ``layout(spectrum, groups)`` lays it out for the
-        channel contraction, so the layout work is cached too."""
+            shift: Sequence[int], groups: int, path: str) -> torch.Tensor:
+        """The spectrum of ``w`` laid out for the contraction ``path``
+        (:func:`weight_spectrum`), so the layout work is cached too."""
         if w.is_inference() or not _is_plain_tensor(w):
-            return layout(weight_spectrum(w, fft_size, dilation, shift), groups)
-        geometry = (tuple(fft_size), tuple(dilation), tuple(shift), groups, layout)
+            return weight_spectrum(w, fft_size, dilation, shift, groups, path)
+        geometry = (tuple(fft_size), tuple(dilation), tuple(shift), groups, path)
         stamp = (w._version, w.data_ptr(), w.dtype, w.device, tuple(w.shape), w.stride(),
                  w.storage_offset())
         storage = StorageWeakRef(w.untyped_storage())
@@ -114,7 +168,11 @@ class SpectrumCache:
             self.hits += 1
             return cached[3]
         self.misses += 1
-        spectrum = layout(weight_spectrum(w, fft_size, dilation, shift), groups)
+        # Stale spectra go before the replacement is computed: in training the weights
+        # change every step, and holding both would add a spectrum to the step's peak.
+        for key in [key for key, entry in per_weight.items() if key == geometry or entry[0] != stamp]:
+            del per_weight[key]
+        spectrum = weight_spectrum(w, fft_size, dilation, shift, groups, path)
         contents = w.detach().clone() if self.verify_contents else None
         per_weight[geometry] = (stamp, storage, contents, spectrum)
         return spectrum
