@@ -334,6 +334,8 @@ class ChainProblem:
             return (cm.spatial_pointwise_ms(m.rows_out, m.size_out, eb, 3, p),
                     cm.spectral_pointwise_ms(m.rows_out, grid, eb, 3, p), None)
         if kind == "slice":
+            if m.op.activation == "identity":
+                return 0.0, 0.0, None
             return cm.spatial_pointwise_ms(m.rows_out, m.size_out, eb, 2, p), 0.0, None
         if kind == "pool":
             s = cm.spatial_pointwise_ms(m.rows_out, m.size_out, eb, 2 + math.prod(m.kernel) // 4, p)
@@ -745,7 +747,8 @@ def _decide(gm, ctx, comp, members, rank, fits, poly_note, name) -> ChainDecisio
         return refuse("tensors of different dtypes")
     if len(circular) > 1:
         return refuse("mixes circular and zero-padded convs (their grids differ)")
-    if padding == "circular" and any(members[n].op.kind in ("slice", "pool") for n in comp):
+    if padding == "circular" and any(members[n].op.kind == "pool" or (
+            members[n].op.kind == "slice" and members[n].op.activation != "identity") for n in comp):
         return refuse("a crop or pooling inside a circular chain changes the period")
     problem = ChainProblem(gm, comp, members, rank, dtypes.pop(), padding == "circular", ctx, fits)
     if padding == "circular":

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.fx as fx
@@ -36,6 +36,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from specfx import chains as ch
 from specfx import node_meta
 from specfx.canonical import bind_schema, conv_site, tensor_info, weight_value
+from specfx.capture import _keep_buffers_non_persistent_on_copy
 from specfx.pipeline import PassContext
 
 OPS = torch.ops.specfx
@@ -58,11 +59,12 @@ def count_transforms(gm: fx.GraphModule) -> dict[str, int]:
 
 @dataclasses.dataclass
 class Value:
-    """A spectral value: ``scale·node + shift·F{m}``."""
+    """A spectral value: ``scale·node + shift·F{m}`` (scale and shift: per-channel vector
+    nodes, Python numbers, or ``None``)."""
 
     node: fx.Node
-    scale: Optional[fx.Node] = None
-    shift: Optional[fx.Node] = None
+    scale: Union[fx.Node, float, None] = None
+    shift: Union[fx.Node, float, None] = None
 
 
 class _Rewriter:
@@ -104,28 +106,43 @@ class _Rewriter:
         self.gm.register_buffer(name, value, persistent=False)
         return self.graph.get_attr(name)
 
-    def vector(self, value, what: str) -> Optional[fx.Node]:
-        """A per-channel (or one-element) vector node for a number, attribute or node."""
-        if value is None:
-            return None
-        if isinstance(value, (int, float)):
-            return self.buffer(torch.tensor([float(value)], dtype=self.plan.dtype), what)
+    def vector(self, value):
+        """A per-channel factor: a Python number stays one (folded at rewrite time), an
+        attribute or a per-channel tensor node becomes a flat vector node."""
+        if value is None or isinstance(value, float):
+            return value
+        if isinstance(value, int):
+            return float(value)
         if isinstance(value, str):
-            return self.graph.get_attr(value)
+            value = self.graph.get_attr(value)
         return self.add(torch.reshape, (value, (-1,)))
 
-    def mul(self, a: Optional[fx.Node], b: Optional[fx.Node]) -> Optional[fx.Node]:
+    def arg(self, value, what: str) -> Optional[fx.Node]:
+        """An op argument: numbers become one-element constant tensors."""
+        if isinstance(value, float):
+            return self.buffer(torch.tensor([value], dtype=self.plan.dtype), what)
+        return value
+
+    def mul(self, a, b):
         if a is None:
             return b
         if b is None:
             return a
+        if isinstance(a, float) and isinstance(b, float):
+            return a * b
+        if isinstance(a, float):
+            a, b = b, a
         return self.add(torch.mul, (a, b))
 
-    def plus(self, a: Optional[fx.Node], b: Optional[fx.Node]) -> Optional[fx.Node]:
+    def plus(self, a, b):
         if a is None:
             return b
         if b is None:
             return a
+        if isinstance(a, float) and isinstance(b, float):
+            return a + b
+        if isinstance(a, float):
+            a, b = b, a
         return self.add(torch.add, (a, b))
 
     def spectrum(self, u: fx.Node) -> Value:
@@ -139,13 +156,13 @@ class _Rewriter:
 
     def plain(self, value: Value, size: list[int], mask: bool, source: fx.Node) -> fx.Node:
         """The value as one spectrum node (its pending affine applied), masked if asked."""
+        scale, shift = self.arg(value.scale, "scale"), self.arg(value.shift, "shift")
         if mask:
             return self.add(OPS.spectral_activation.default,
-                            (value.node, self.grid, size, value.scale, value.shift, "identity", 0.0), source=source)
-        if value.scale is None and value.shift is None:
+                            (value.node, self.grid, size, scale, shift, "identity", 0.0), source=source)
+        if scale is None and shift is None:
             return value.node
-        return self.add(OPS.spectral_affine.default, (value.node, self.grid, size, value.scale, value.shift),
-                        source=source)
+        return self.add(OPS.spectral_affine.default, (value.node, self.grid, size, scale, shift), source=source)
 
     def weight(self, site) -> fx.Node:
         w = site.weight
@@ -201,6 +218,7 @@ class _Rewriter:
         with self.graph.inserting_before(node):
             if op.kind == "act":
                 v = self.spectrum(op.inputs[0])
+                v = Value(v.node, self.arg(v.scale, f"{node.name}_scale"), self.arg(v.shift, f"{node.name}_shift"))
                 if self.plan.modes.get(node.name) == "poly":
                     poly = self.plan.poly[node.name]
                     coeffs = self.buffer(poly.coeffs.clone(), f"{node.name}_coeffs")
@@ -213,14 +231,15 @@ class _Rewriter:
                 value = Value(out)
             elif op.kind == "affine":
                 v = self.spectrum(op.inputs[0])
-                scale, shift = self.affine_terms(op, node.name)
-                value = Value(v.node, self.mul(v.scale, scale), self.plus(self.mul(v.shift, scale), shift))
+                scale, shift = self.affine_terms(op, node)
+                shifted = None if v.shift is None else self.mul(v.shift, scale)  # (a·s + b)·scale + shift
+                value = Value(v.node, self.mul(v.scale, scale), self.plus(shifted, shift))
             elif op.kind == "add":
                 a, b = (self.spectrum(i) for i in op.inputs)
                 xa = a.node if a.scale is None else self.add(
-                    OPS.spectral_affine.default, (a.node, self.grid, size, a.scale, None), source=node)
+                    OPS.spectral_affine.default, (a.node, self.grid, size, self.arg(a.scale, "scale"), None), source=node)
                 xb = b.node if b.scale is None else self.add(
-                    OPS.spectral_affine.default, (b.node, self.grid, size, b.scale, None), source=node)
+                    OPS.spectral_affine.default, (b.node, self.grid, size, self.arg(b.scale, "scale"), None), source=node)
                 value = Value(self.add(OPS.spectral_add.default, (xa, xb), source=node), None,
                               self.plus(a.shift, b.shift))
             elif op.kind == "slice":
@@ -254,10 +273,31 @@ class _Rewriter:
     def plan_channels(self, node: fx.Node) -> int:
         return int(ch.node_rows_and_size(node, self.rank)[1])
 
-    def affine_terms(self, op: ch.ChainOp, name: str) -> tuple[Optional[fx.Node], Optional[fx.Node]]:
+    def affine_terms(self, op: ch.ChainOp, node: fx.Node):
+        """``(scale, shift)`` of an affine op, computed in the graph from its parameters.
+
+        A BatchNorm module is evaluated on two constant probes (0 and 1024, exact in
+        every float type): ``shift = bn(0)``, ``scale = (bn(1024) − bn(0)) / 1024``. Its
+        running statistics are buffers, which ``symbolic_trace`` does not trace through:
+        arithmetic on them would be frozen into constants by a second capture, while the
+        module call stays a call (and follows ``load_state_dict``)."""
         if op.bn is None:
-            return self.vector(op.scale, f"{name}_scale"), self.vector(op.shift, f"{name}_shift")
-        weight, bias, mean, var, eps = (self.vector(v, name) if not isinstance(v, float) else v for v in op.bn)
+            return self.vector(op.scale), self.vector(op.shift)
+        if node.op == "call_module":
+            channels = self.plan_channels(node)
+            shape = (1, channels) + (1,) * self.rank
+            # (each probe fetched right before its use, where a capture of this graph puts it)
+            zero = self.buffer(torch.zeros(shape, dtype=self.plan.dtype), f"{node.name}_probe0")
+            at_zero = self.graph.call_module(node.target, (zero,))
+            big = self.buffer(torch.full(shape, 1024.0, dtype=self.plan.dtype), f"{node.name}_probe1")
+            at_big = self.graph.call_module(node.target, (big,))
+            for probe in (at_zero, at_big):
+                probe.meta[node_meta.LOWERED_FROM] = self.plan.name
+                probe.meta[CHAIN] = self.plan.name
+            scale = self.add(torch.div, (self.add(torch.sub, (at_big, at_zero)), 1024.0))
+            return self.vector(scale), self.vector(at_zero)
+        weight, bias, mean, var, eps = op.bn
+        weight, bias, mean, var = (self.vector(v) for v in (weight, bias, mean, var))
         inv_std = self.add(torch.rsqrt, (self.add(torch.add, (var, eps)),))
         scale = self.mul(weight, inv_std)
         shift = self.add(torch.neg, (self.add(torch.mul, (mean, scale)),))
@@ -277,9 +317,11 @@ class _Rewriter:
         if not spatial:
             return
         x = value.node if value.scale is None else self.add(
-            OPS.spectral_affine.default, (value.node, self.grid, size, value.scale, None), source=node)
+            OPS.spectral_affine.default, (value.node, self.grid, size, self.arg(value.scale, "scale"), None),
+            source=node)
         y = self.add(OPS.from_spectrum.default,
-                     (x, self.grid, size, [1] * self.rank, value.shift, self.plan.dtype), source=node)
+                     (x, self.grid, size, [1] * self.rank, self.arg(value.shift, "shift"), self.plan.dtype),
+                     source=node)
         y.meta[node_meta.REPLACES] = node.name
         for user in spatial:
             user.replace_input_with(node, y)
@@ -304,5 +346,7 @@ def fuse_chains(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             modified = True
     if modified:
         gm.graph.eliminate_dead_code()
+        # The chain's constants are non-persistent buffers: keep them so in copies.
+        _keep_buffers_non_persistent_on_copy(gm)
     ctx.report.transforms = count_transforms(gm)
     return PassResult(gm, modified)

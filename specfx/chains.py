@@ -110,6 +110,8 @@ class ChainOp:
             return "batch_norm" if self.bn is not None else "affine"
         if self.kind == "conv":
             return "conv"
+        if self.kind == "slice" and self.activation == "identity":
+            return "identity"
         return {"add": "add", "slice": "crop", "pool": "avg_pool"}[self.kind]
 
 
@@ -348,7 +350,7 @@ def classify(gm: fx.GraphModule, node: fx.Node, rank: int) -> Optional[ChainOp]:
         return None
     if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.Identity \
             and len(node.args) == 1 and isinstance(node.args[0], fx.Node):
-        return ChainOp("slice", [node.args[0]])  # a crop to the same size
+        return ChainOp("slice", [node.args[0]], activation="identity")  # a crop to the same size
     for recognize in (lambda: _activation(gm, node), lambda: _batch_norm(gm, node),
                       lambda: _affine_or_add(node, rank), lambda: _crop(node, rank),
                       lambda: _avg_pool(gm, node)):
