@@ -338,15 +338,40 @@ def _non_chain_args(user: fx.Node, op: ch.ChainOp, rewriter: "_Rewriter") -> lis
     return [n for n in user.all_input_nodes if rewriter.name_of(n) not in names]
 
 
+def _rename_added_nodes(graph: fx.Graph) -> None:
+    """Give the nodes specfx added the names a fresh capture of this graph would give
+    them (fx never reuses the names of erased nodes: the first lowered conv's
+    ``from_spectrum_default`` gone, the next stays ``from_spectrum_default_1``), so that
+    optimizing the result again reproduces its code. Only added nodes are renamed: a kept
+    node keeps the name it has in the original graph (diffs match nodes by name)."""
+    try:
+        namespace = graph._graph_namespace
+        added = [n for n in graph.nodes
+                 if node_meta.LOWERED_FROM in n.meta and n.op not in ("placeholder", "output")]
+        namespace._used_names = {n.name for n in graph.nodes} - {n.name for n in added}
+        namespace._base_count = {}
+        for node in added:
+            base = node.target if node.op == "get_attr" else graph._target_to_str(node.target)
+            name = namespace.create_name(base, None)
+            node.name = name
+            namespace._rename_object(node, name)
+    except (AttributeError, TypeError):  # fx internals changed: names are cosmetic
+        pass
+
+
 def fuse_chains(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     modified = False
     for decision in ctx.report.chains:
         if decision.fused and decision.plan is not None:
             _Rewriter(gm, decision.plan).run()
             modified = True
+        # The plan names graph nodes: done with, it must not keep them alive in the
+        # report (which the optimized module carries, and copies and pickles).
+        decision.plan = None
     if modified:
         gm.graph.eliminate_dead_code()
         # The chain's constants are non-persistent buffers: keep them so in copies.
         _keep_buffers_non_persistent_on_copy(gm)
+        _rename_added_nodes(gm.graph)
     ctx.report.transforms = count_transforms(gm)
     return PassResult(gm, modified)

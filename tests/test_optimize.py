@@ -665,7 +665,8 @@ def test_verify_names_the_diverging_node():
     model = nn.Sequential(nn.Conv2d(3, 8, 5, padding=2), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Tanh())
     x = torch.randn(2, 3, 12, 12)
     reference, _ = capture(copy.deepcopy(model), (x,), "symbolic_trace")
-    fast = specfx.optimize(reference, (x,), policy="always")
+    # per-conv lowering, so that each conv has its own from_spectrum (no fused chain)
+    fast = specfx.optimize(reference, (x,), policy="always", chains=False)
     error, tolerance = verify(reference, fast, (x,))
     assert error <= tolerance
 
@@ -689,7 +690,7 @@ def test_optimize_raises_verification_error(monkeypatch):
     monkeypatch.setattr(specfx.passes, "PIPELINE", pipeline)
     model, x = Net(), torch.randn(2, 4, 12, 12)
     with pytest.raises(specfx.VerificationError, match=r"lowered from conv 'layer1\.conv'"):
-        specfx.optimize(model, (x,), policy="always")
+        specfx.optimize(model, (x,), policy="always", chains=False)  # per-conv lowering
     # verify=False returns the (wrong) module without checking
     fast = specfx.optimize(model, (x,), policy="always", verify=False)
     assert fast.specfx_report.verified_error is None
