@@ -622,7 +622,7 @@ def _grids(problem: ChainProblem) -> list[tuple[int, ...]]:
     sizes = [problem.tensor_info(members[n].node)[1] for n in problem.comp if members[n].continues]
     sizes += [problem.tensor_info(i)[1] for n in problem.comp for i in members[n].op.inputs]
     if problem.circular:
-        return [tuple(anchors[0].plan.geometry.fft_size)]
+        return [tuple(next(a for a in anchors if not _pointwise(a)).plan.geometry.fft_size)]
     own = [max(a.plan.geometry.fft_size[axis] for a in anchors) for axis in range(rank)]
     largest = [max(s[axis] for s in sizes) for axis in range(rank)]
     spans = [sum(members[n].dilation[axis] * (members[n].kernel[axis] - 1)
@@ -711,6 +711,12 @@ def find_chains(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(gm, False)
 
 
+def _pointwise(m: Member) -> bool:
+    """A 1x1 conv without padding (stride 1): it reads only its own position."""
+    return m.op.kind == "conv" and all(k == 1 for k in m.kernel) and all(lp == 0 for lp in m.left) \
+        and all(s == 1 for s in m.stride)
+
+
 def _describe_ops(comp, members, labels, modes, masks) -> list[str]:
     out = []
     for n in comp:
@@ -735,9 +741,9 @@ def _decide(gm, ctx, comp, members, rank, fits, poly_note, name) -> ChainDecisio
     anchors = [n for n in comp if members[n].anchor]
     conv_names = [members[n].plan.name for n in anchors]
     dtypes = {ch.node_rows_and_size(members[n].node, rank)[3] for n in comp}
+    # 1x1 convs without padding read only the data: they fit either kind of chain
     circular = {members[n].circular for n in comp if members[n].op.kind in ("conv", "pool")
-                and not (members[n].op.kind == "conv" and not members[n].anchor
-                         and all(k == 1 for k in members[n].kernel) and all(lp == 0 for lp in members[n].left))}
+                and not _pointwise(members[n])}
     padding = "circular" if circular == {True} else "zeros"
 
     def refuse(reason: str) -> ChainDecision:
@@ -752,8 +758,9 @@ def _decide(gm, ctx, comp, members, rank, fits, poly_note, name) -> ChainDecisio
         return refuse("a crop or pooling inside a circular chain changes the period")
     problem = ChainProblem(gm, comp, members, rank, dtypes.pop(), padding == "circular", ctx, fits)
     if padding == "circular":
-        grid = tuple(members[anchors[0]].plan.geometry.fft_size)
-        if any(tuple(members[a].plan.geometry.fft_size) != grid for a in anchors) or \
+        periodic = [a for a in anchors if not _pointwise(members[a])]
+        grid = tuple(members[periodic[0]].plan.geometry.fft_size)
+        if any(tuple(members[a].plan.geometry.fft_size) != grid for a in periodic) or \
                 any(problem.tensor_info(members[n].node)[1] != grid for n in comp if members[n].continues):
             return refuse("circular convs of different sizes, or whose output size differs from the input's")
     always = settings.policy == "always"

@@ -65,6 +65,7 @@ class Value:
     node: fx.Node
     scale: Union[fx.Node, float, None] = None
     shift: Union[fx.Node, float, None] = None
+    applied: dict = dataclasses.field(default_factory=dict)  # (mask?, size) -> as one spectrum node
 
 
 class _Rewriter:
@@ -155,7 +156,14 @@ class _Rewriter:
         return Value(self.forward[key])
 
     def plain(self, value: Value, size: list[int], mask: bool, source: fx.Node) -> fx.Node:
-        """The value as one spectrum node (its pending affine applied), masked if asked."""
+        """The value as one spectrum node (its pending affine applied), masked if asked;
+        made once, however many convs read it."""
+        key = (mask, tuple(size))
+        if key not in value.applied:
+            value.applied[key] = self._plain(value, size, mask, source)
+        return value.applied[key]
+
+    def _plain(self, value: Value, size: list[int], mask: bool, source: fx.Node) -> fx.Node:
         scale, shift = self.arg(value.scale, "scale"), self.arg(value.shift, "shift")
         if mask:
             return self.add(OPS.spectral_activation.default,
