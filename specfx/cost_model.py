@@ -196,10 +196,11 @@ def estimate(shape: ConvShape, geometry: SpectralGeometry, profile: CostProfile 
 #   spatial pointwise   passes·rows·L·eb / memory + overhead     (activation, affine, add)
 #   spectral pointwise  passes·rows·B·2eb / memory + overhead    (spectral affine / add)
 #   exact activation    inverse + forward transform + 3·rows·L·eb / memory, one overhead
-#   poly activation     rows·(Σ over its ⊛ of K_out·N)·(2·2eb + 8) / memory + overhead:
-#                       each ⊛ gathers an K_out x N block per row (K_out = B for the last
-#                       power, N for intermediate powers and the input mask) and reads it
-#                       once more in the reduction; 8 bytes of index per element
+#   poly activation     (degree − 1)·N·(3·rows·N·2eb / memory + 15 µs) + overhead: each
+#                       power's ⊛ sums N shifted copies of the spectrum (three passes per
+#                       shift, three small ops); the input mask, when needed, is a complex
+#                       GEMM rows x N x N (8·rows·N² flops / complex_gemm). O(N²) per row,
+#                       against O(N log N) for an exact activation's transform pair
 #   conv in the chain   the channel contraction of :func:`estimate` at the shared grid
 #   direct conv         its FLOPs at the direct rate of :func:`estimate`
 #
@@ -252,12 +253,17 @@ def exact_activation_ms(rows: int, grid: tuple[int, ...], size: tuple[int, ...],
 
 def poly_activation_ms(rows: int, grid: tuple[int, ...], element_bytes: int, degree: int, mask_input: bool,
                        profile: CostProfile = DEFAULT_PROFILE) -> float:
-    """``poly_activation``: one circular convolution of spectra per power ≥ 2 (and one
-    for the input mask), each O(K_out·N) per row."""
-    n, bins = math.prod(grid), _grid_bins(grid)
-    outputs = (n if mask_input else 0) + (n * max(degree - 2, 0)) + (bins if degree >= 2 else 0)
-    per_element = 2 * 2 * max(element_bytes, 4) + 8
-    return rows * outputs * n * per_element / profile.memory_gbps / 1e6 + profile.per_op_overhead_ms
+    """``poly_activation``: one circular convolution of spectra per power ≥ 2, each a sum
+    over the N shifts of the spectrum (three passes over it per shift, and a few small
+    ops' launch cost, ~5 µs each); the input mask is one complex GEMM with the mask's
+    circulant (shared by all rows)."""
+    n = math.prod(grid)
+    complex_bytes = 2 * max(element_bytes, 4)
+    per_shift = 3 * rows * n * complex_bytes / profile.memory_gbps / 1e6 + 3 * 0.005
+    ms = max(degree - 1, 0) * n * per_shift + profile.per_op_overhead_ms
+    if mask_input:
+        ms += 8.0 * rows * n * n / profile.complex_gemm_gflops / 1e6
+    return ms
 
 
 def chain_mix_ms(shape: ConvShape, grid: tuple[int, ...], profile: CostProfile = DEFAULT_PROFILE) -> float:

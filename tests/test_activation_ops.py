@@ -174,7 +174,7 @@ def test_unknown_activation_raises():
 
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu", "square", "identity", "relu", "leaky_relu"])
 def test_gradcheck_spectral_activation(activation):
-    fft, size, c = [6, 5], [4, 3], 2
+    fft, size, c = [5, 4], [4, 3], 2
     x_hat = spectrum(fft, c, batch=1).requires_grad_()
     s, b = (v.requires_grad_() for v in vectors(c))
     # ReLU's kink: gradcheck's finite differences are fine away from 0, which random data is
@@ -183,9 +183,8 @@ def test_gradcheck_spectral_activation(activation):
 
 
 @pytest.mark.parametrize("mask_input", [False, True])
-@pytest.mark.parametrize("grid", ["2d_even_last", "1d"])
-def test_gradcheck_poly_activation(grid, mask_input):
-    fft, size, c = GRIDS[grid]
+@pytest.mark.parametrize("fft,size,c", [([4, 4], [3, 2], 2), ([9], [6], 2)])
+def test_gradcheck_poly_activation(fft, size, c, mask_input):
     x_hat = spectrum(fft, c, batch=1).requires_grad_()
     s, b = (v.requires_grad_() for v in vectors(c))
     coeffs = torch.randn(c, 4, dtype=torch.float64)

@@ -327,19 +327,30 @@ def _one_sided(full: torch.Tensor, fft_size: list[int]) -> torch.Tensor:
 def circular_convolve(a_full: torch.Tensor, b_full: torch.Tensor, fft_size: list[int],
                       one_sided: bool) -> torch.Tensor:
     """``(A ⊛ B)[k] = Σ_q A[q]·B[(k − q) mod P]`` on flattened full spectra (broadcast
-    over leading dims), at the one-sided bins or at every grid position. O(N_out·N) per
-    row, in chunks of rows to bound the gathered block's memory."""
-    table = _difference_table(tuple(fft_size), one_sided).to(a_full.device)
+    over leading dims), at the one-sided bins or at every grid position: O(N_out·N) per
+    row. When ``A`` is one spectrum shared by every row (the mask), it is one GEMM of the
+    rows of ``B`` with ``A``'s circulant; otherwise a sum over the N shifts of ``B``
+    (``Σ_q A[q]·roll(B, q)``), which streams through memory instead of gathering an
+    N_out x N block per row."""
+    rank = len(fft_size)
+    n = math.prod(fft_size)
     lead = torch.broadcast_shapes(a_full.shape[:-1], b_full.shape[:-1])
-    a = a_full.expand(*lead, a_full.shape[-1]).reshape(-1, a_full.shape[-1])
-    b = b_full.expand(*lead, b_full.shape[-1]).reshape(-1, b_full.shape[-1])
-    rows = max(1, (1 << 22) // max(table.numel(), 1))
-    out = []
-    for start in range(0, a.shape[0], rows):
-        a_chunk, b_chunk = a[start:start + rows], b[start:start + rows]
-        gathered = b_chunk[:, table]  # (r, K, N)
-        out.append(torch.matmul(gathered, a_chunk.unsqueeze(-1)).squeeze(-1))
-    return torch.cat(out, 0).reshape(*lead, table.shape[0])
+    if a_full.shape[:-1].numel() == 1 and n <= 4096:
+        table = _difference_table(tuple(fft_size), one_sided).to(a_full.device)  # (K, N): k − q
+        circulant = a_full.reshape(-1)[table].transpose(0, 1)  # (N, K): A[k − q]
+        rows = b_full.expand(*lead, n).reshape(-1, n)
+        return (rows @ circulant).reshape(*lead, table.shape[0])
+    a = a_full.expand(*lead, n).reshape(-1, n)
+    b = b_full.expand(*lead, n).reshape(-1, *fft_size)
+    dims = list(range(-rank, 0))
+    out = torch.zeros_like(b)
+    shifts = torch.cartesian_prod(*[torch.arange(p) for p in fft_size]).reshape(n, rank).tolist()
+    for q, shift in enumerate(shifts):
+        out += a[:, q].reshape(-1, *([1] * rank)) * torch.roll(b, shifts=shift, dims=dims)
+    out = out.reshape(-1, n)
+    if one_sided:
+        out = out.index_select(-1, _grid_tables(tuple(fft_size))[3].to(out.device))
+    return out.reshape(*lead, out.shape[-1])
 
 
 def _poly_forward(x_hat, coeffs, fft_size, size, scale, shift, mask_input):
