@@ -119,6 +119,28 @@ class Pooled(nn.Module):
         return self.c2(self.pool(F.relu(self.c1(x))))
 
 
+class StridedEnd(nn.Module):
+    """A chain ending in a strided, dilated conv (which reads the spectrum, and crops)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 5, padding=2)
+        self.c2 = nn.Conv2d(4, 4, 5, stride=2, padding=3, dilation=2)
+
+    def forward(self, x):
+        return self.c2(F.gelu(self.c1(x), approximate="tanh"))
+
+
+class Dilated1d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(3, 3, 5, padding=4, dilation=2)
+        self.c2 = nn.Conv1d(3, 3, 5, padding="same", dilation=3)
+
+    def forward(self, x):
+        return self.c2(torch.relu(self.c1(x)) * 2.0)
+
+
 def _eval(model: nn.Module) -> nn.Module:
     torch.manual_seed(1)
     for m in model.modules():
@@ -151,6 +173,8 @@ KINDS = {
     "square_poly_circular": (lambda: Square("circular"), X2, {"spectral_activation": "poly"}, (1, 1)),
     "square_poly_valid": (lambda: Square(padding=0), (2, 3, 12, 12), {"spectral_activation": "poly"}, (1, 1)),
     "export_residual": (Residual, X2, {"frontend": "export"}, (3, 3)),
+    "strided_end_channels_last": (StridedEnd, "channels_last", {}, (2, 2)),
+    "dilated_1d_unbatched": (Dilated1d, (3, 20), {}, (2, 2)),
 }
 
 
@@ -167,7 +191,10 @@ def test_fused_chain_is_exact_forward_and_backward(kind, dtype):
     factory, shape, kwargs, (fwd, inv) = KINDS[kind]
     torch.manual_seed(0)
     model = _eval(factory()).to(dtype)
-    x = torch.randn(shape, dtype=dtype)
+    if shape == "channels_last":
+        x = torch.randn(2, 3, 11, 13, dtype=dtype).to(memory_format=torch.channels_last)
+    else:
+        x = torch.randn(shape, dtype=dtype)
     fast = specfx.optimize(model, (x,), policy="always", **kwargs)
     report = fast.specfx_report
     assert [c.fused for c in report.chains] == [True], str(report)
