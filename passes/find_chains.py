@@ -217,42 +217,44 @@ def _members(gm: fx.GraphModule, rank: int) -> tuple[dict[str, Member], dict[str
     return members, excluded
 
 
-def _components(gm: fx.GraphModule, members: dict[str, Member]) -> list[list[str]]:
-    """Chains: connected anchors and chainable ops on anchor → ... → anchor paths."""
-    def chain_readers(name: str) -> list[str]:
-        node = members[name].node
-        return [u.name for u in node.users if u.name in members and node in members[u.name].op.inputs]
+def chain_edges(graph: nx.DiGraph, members: dict[str, Member]) -> nx.DiGraph:
+    """The edges of the fx ``DiGraph`` along which a value can stay a spectrum: producer →
+    member, where the member reads the producer as a chain input (not, e.g., as the
+    per-channel factor of a multiplication), and the producer is a member whose output
+    can continue (not a strided conv)."""
+    edges = nx.DiGraph()
+    for name, m in members.items():
+        chain_inputs = {i.name for i in m.op.inputs}
+        for producer in graph.predecessors(name):
+            if producer in chain_inputs and producer in members and members[producer].continues:
+                edges.add_edge(producer, name, positions=graph.edges[producer, name]["positions"])
+    return edges
 
-    anchors = [n for n, m in members.items() if m.anchor]
-    forward: set[str] = set()
-    frontier = [a for a in anchors if members[a].continues]
-    while frontier:
-        name = frontier.pop()
-        for reader in chain_readers(name):
-            if not members[reader].anchor and reader not in forward:
-                forward.add(reader)
-                if members[reader].continues:
-                    frontier.append(reader)
-    backward: set[str] = set()
-    frontier = [i.name for a in anchors for i in members[a].op.inputs if i.name in members]
-    while frontier:
-        name = frontier.pop()
-        if members[name].anchor or name in backward:
-            continue
-        backward.add(name)
-        frontier += [i.name for i in members[name].op.inputs if i.name in members]
-    region = forward & backward
+
+def _components(gm: fx.GraphModule, members: dict[str, Member], graph: nx.DiGraph) -> list[list[str]]:
+    """Chains: the connected components of anchors and of the chainable ops that lie on
+    an anchor → ... → anchor path of chain edges."""
+    edges = chain_edges(graph, members)
+    anchors = {n for n, m in members.items() if m.anchor}
+    inner = edges.subgraph(n for n in edges if n not in anchors).copy()
+    start, end = ("__from_anchors__",), ("__to_anchors__",)
+    for a in anchors & set(edges):
+        for reader in edges.successors(a):
+            if reader not in anchors:
+                inner.add_edge(start, reader)
+        for producer in edges.predecessors(a):
+            if producer not in anchors:
+                inner.add_edge(producer, end)
+    region = set()
+    if start in inner and end in inner:
+        region = (nx.descendants(inner, start) & nx.ancestors(inner, end)) - {start, end}
     links = nx.Graph()
-    for name in region | set(anchors):
-        m = members[name]
-        for i in m.op.inputs:
-            if i.name in region or (i.name in members and members[i.name].anchor and members[i.name].continues):
-                if name in region or m.anchor:
-                    links.add_edge(i.name, name)
+    for u, v in edges.edges:
+        if (u in region or u in anchors) and (v in region or v in anchors):
+            links.add_edge(u, v)
     order = {n.name: k for k, n in enumerate(gm.graph.nodes)}
     comps = [sorted(c, key=order.__getitem__) for c in nx.connected_components(links)]
-    return sorted((c for c in comps if sum(members[n].anchor for n in c) >= 1 and len(c) >= 2),
-                  key=lambda c: order[c[0]])
+    return sorted((c for c in comps if any(members[n].anchor for n in c)), key=lambda c: order[c[0]])
 
 
 # --- costs, min-cut, analysis --------------------------------------------------------------
@@ -309,8 +311,8 @@ class ChainProblem:
         if not wants_poly or fit is None:
             return exact, "exact"
         degree = fit.coeffs.shape[1] - 1
-        poly = cm.poly_activation_ms(rows, grid, self.eb, degree, not self.circular and self._needs_mask_guess,
-                                     self.profile)
+        # (an input mask, if the analysis finds one needed, is costed afterwards)
+        poly = cm.poly_activation_ms(rows, grid, self.eb, degree, False, self.profile)
         if self.settings.policy == "always" or poly < exact:
             return poly, "poly"
         return exact, "exact"
@@ -552,7 +554,6 @@ class ChainProblem:
         return best
 
     def _solve(self, grid, always: bool, spatial: frozenset) -> Candidate:
-        self._needs_mask_guess = False
         labels, modes = self.all_spectral(grid) if always else self.min_cut(grid, spatial)[:2]
         poly_mask = {n: False for n, md in modes.items() if md == "poly" and labels[n] == "F"}
         ok, reason, masks = self.analyze(labels, modes, grid, poly_mask)
@@ -691,13 +692,13 @@ def find_chains(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     report.transforms = dict(report.transforms_per_conv)
     if not settings.chains or settings.policy == "never" or lowered == 0:
         return PassResult(gm, False)
-    build_digraph(gm)  # the structure the analysis below walks (kept for inspection)
+    graph = build_digraph(gm)
     ranks = sorted({conv_site(gm, n).rank for n in gm.graph.nodes
                     if (p := n.meta.get(node_meta.PLAN)) is not None and p.lowered})
     count = 0
     for rank in ranks:
         members, excluded = _members(gm, rank)
-        comps = _components(gm, members)
+        comps = _components(gm, members, graph)
         poly_acts = {n: members[n] for c in comps for n in c
                      if members[n].op.kind == "act"} if settings.spectral_activation == "poly" else {}
         fits, poly_note = _fit_polys(gm, ctx, poly_acts, rank)

@@ -328,7 +328,7 @@ def test_min_cut_matches_the_cost_of_its_labelling():
     ctx = specfx.pipeline.PassContext(specfx.pipeline.Settings("always"), specfx.Report("fx", "always"), (x,))
     specfx.passes.plan_convs(gm, ctx)
     members, _ = fc._members(gm, 2)
-    comp = fc._components(gm, members)[0]
+    comp = fc._components(gm, members, build_digraph(gm))[0]
     problem = fc.ChainProblem(gm, comp, members, 2, torch.float32, False, ctx, {})
     grid = (14, 14)
     labels, modes, value = problem.min_cut(grid)
