@@ -431,3 +431,12 @@ def test_torch_compile_backend_fuses_chains():
     chain = report.chains[0]
     assert chain.fused and "no real example inputs" in chain.reason
     assert report.transforms == {"forward": 3, "inverse": 3}
+
+
+def test_fused_chain_exports_and_runs():
+    model, x = _eval(Residual()), torch.randn(X2)
+    fast = specfx.optimize(model, (x,), policy="always", spectral_activation="poly")
+    exported = torch.export.export(fast, (x,))
+    targets = {n.target for n in exported.graph.nodes}
+    assert OPS.poly_activation.default in targets and OPS.spectral_add.default in targets
+    assert_scaled_close(exported.module()(x), fast(x))
