@@ -41,19 +41,29 @@ def _ratio(results: dict, num: str, den: str) -> str:
     return f"{ms[num] / ms[den]:.2f}x" if num in ms and den in ms else "-"
 
 
-def print_table(rows: list[dict], candidates: tuple[str, ...]) -> None:
-    header = ["suite", "case", *[f"{c} ms" for c in candidates], "auto", "specfx/eager", "specfx/fft-conv", "auto/eager"]
+def table_rows(rows: list[dict], candidates: tuple[str, ...]) -> list[list[str]]:
+    header = ["suite", "case", *[f"{c} ms" for c in candidates], "auto", "eager/specfx", "fft-conv/specfx", "eager/auto"]
     table = [header]
     for r in rows:
         ms = r["ms"]
         table.append([r["case"]["suite"], r["case"]["label"], *[f"{ms[c]:.3g}" if c in ms else "-" for c in candidates], r["auto"],
                       _ratio(r, "eager", "specfx"), _ratio(r, "fft_conv_pytorch", "specfx"),
                       _ratio(r, "eager", "specfx_auto")])
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    return table
+
+
+def print_table(table: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for i, row in enumerate(table):
         print("  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def markdown_table(table: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
+    lines += ["| " + " | ".join(row) + " |" for row in table[1:]]
+    return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -101,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         for case in SUITES[suite](args.quick):
             print(f"  running {suite} {case.label} ...", file=sys.stderr, flush=True)
             rows.append(run_case(case, candidates, rounds))
-    print_table(rows, candidates)
+    table = table_rows(rows, candidates)
+    print_table(table)
 
     memory = {}
     if not args.no_memory:
@@ -122,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"torch": torch.__version__, "rounds": rounds, "rows": rows, "memory": memory}, f, indent=1)
     plot(rows, os.path.join(args.out, "speedup.png"))
-    print(f"\nwrote {os.path.join(args.out, 'results.json')} and speedup.png")
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(markdown_table(table) + "\n")
+    print(f"\nwrote results.json, table.md and speedup.png into {args.out}")
     return 1 if failed else 0
 
 
