@@ -20,6 +20,8 @@ under a ``TorchDispatchMode`` (AOTAutograd's first call of a compiled graph) run
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 ACCUMULATE, GEMM = "accumulate", "gemm"
@@ -82,13 +84,14 @@ def _unflatten(y: torch.Tensor, like: torch.Tensor, spectral_rank: int) -> torch
 _BROADCAST_LIMIT = 1 << 18
 
 
-def _accumulate(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``(N, g, C, F)`` by ``(g, O, C, F)`` → ``(N, g, O, F)``, summing over C."""
+def _accumulate(x: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(N, g, C, F)`` by ``(g, O, C, F)`` → ``(N, g, O, F)``, summing over C (into
+    ``out`` when given)."""
     n, g, c, freqs = x.shape
     if c > 1 and n * g * w.shape[1] * c * freqs <= _BROADCAST_LIMIT:
-        return (x[:, :, None] * w[None]).sum(dim=3)
+        return torch.sum(x[:, :, None] * w[None], dim=3, out=out)
     xs, ws = x.unbind(2), w.unbind(2)
-    y = xs[0].unsqueeze(2) * ws[0].unsqueeze(0)
+    y = torch.mul(xs[0].unsqueeze(2), ws[0].unsqueeze(0), out=out)
     for x_c, w_c in zip(xs[1:], ws[1:]):
         y.addcmul_(x_c.unsqueeze(2), w_c.unsqueeze(0))
     return y
@@ -109,21 +112,35 @@ def mix(x_hat: torch.Tensor, w_laid: torch.Tensor, groups: int, spectral_rank: i
     return _unflatten(y, x_hat, spectral_rank)
 
 
+# The accumulate path conjugates the weight spectrum a block of groups of about this many
+# bytes at a time: the backward's peak is three spectra of the input's size, and a whole
+# conjugated copy of the weight spectrum would add to it.
+_CONJ_BLOCK_BYTES = 1 << 18
+
+
 def mix_adjoint_input(grad_y: torch.Tensor, w_laid: torch.Tensor, groups: int, spectral_rank: int,
                       path: str) -> torch.Tensor:
     """Gradient of :func:`mix` with respect to ``x_hat``: ``Σ_o gY[n, o, f]·conj(W[o, c, f])``
     within each group, with ``W`` laid out for ``path``; contiguous.
 
-    The conjugate is materialized on the smaller operand: ``conj(W)`` directly, or, where
-    the kernel spectrum is the larger (wide convs on short signals),
-    ``conj(Σ_o conj(gY)·W)``, conjugating the result in place.
+    The conjugate is materialized on the smaller operand: ``conj(W)`` (on the accumulate
+    path a block of groups at a time, written into the result), or, where the kernel
+    spectrum is the larger (wide convs on short signals), ``conj(Σ_o conj(gY)·W)``,
+    conjugating the result in place.
     """
     g = flatten_groups(grad_y, groups, spectral_rank)
-    contract = _accumulate if path == ACCUMULATE else _gemm
-    if w_laid.numel() <= g.numel():
-        gx = contract(g, w_laid.conj_physical().transpose(1, 2))
-    else:
+    if w_laid.numel() > g.numel():
+        contract = _accumulate if path == ACCUMULATE else _gemm
         gx = contract(g.conj_physical(), w_laid.transpose(1, 2)).conj_physical_()
+    elif path == GEMM:
+        gx = _gemm(g, w_laid.conj_physical().transpose(1, 2))
+    else:
+        n, _, _, freqs = g.shape
+        gx = g.new_empty((n, groups, w_laid.shape[2], freqs))
+        step = max(1, _CONJ_BLOCK_BYTES // (w_laid[0].numel() * w_laid.element_size()))
+        for start in range(0, groups, step):
+            block = slice(start, start + step)
+            _accumulate(g[:, block], w_laid[block].conj_physical().transpose(1, 2), out=gx[:, block])
     return _unflatten(gx, grad_y, spectral_rank)
 
 

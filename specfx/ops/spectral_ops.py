@@ -72,15 +72,48 @@ def _to_spectrum_setup(ctx, inputs, output):
 
 
 def _to_spectrum_backward(ctx, grad):
-    # The adjoint of a zero-padded rfftn is N·irfftn, with each paired bin halved, cropped
-    # to the input: from_spectrum of the rescaled gradient, one inverse transform run over
-    # blocks straight into a contiguous input gradient (and differentiable again).
-    rank = len(ctx.fft_size)
-    scaled = grad * fourier.rfftn_adjoint_scale(ctx.fft_size, grad.real.dtype, grad.device)
-    return from_spectrum(scaled, ctx.fft_size, ctx.in_size, [1] * rank, None, ctx.x_dtype), None, None
+    return to_spectrum_adjoint(grad, ctx.in_size, ctx.fft_size, ctx.x_dtype), None, None
 
 
 to_spectrum.register_autograd(_to_spectrum_backward, setup_context=_to_spectrum_setup)
+
+
+@torch.library.custom_op("specfx::to_spectrum_adjoint", mutates_args=())
+def to_spectrum_adjoint(grad: torch.Tensor, in_size: list[int], fft_size: list[int],
+                        out_dtype: torch.dtype) -> torch.Tensor:
+    """Adjoint of :func:`to_spectrum` (its backward): ``N·irfftn`` of ``grad`` with each
+    paired bin halved, cropped to ``in_size``, as ``out_dtype``. One inverse transform, run
+    over blocks of rows with the scaling applied per block, straight into the result: the
+    gradient's spectrum gets no full-size scaled copy."""
+    rank = len(fft_size)
+    real = fourier.real_dtype_for(grad.dtype)
+    scale = fourier.rfftn_adjoint_scale(fft_size, real, grad.device)
+    rows = grad.reshape(-1, *grad.shape[-rank:])
+    out = torch.empty((rows.shape[0], *in_size), dtype=out_dtype, device=grad.device)
+    ones = [1] * rank
+    for block in _row_blocks(rows.shape[0], fft_size, real.itemsize):
+        out[block] = _crop(fourier.irfftn(rows[block] * scale, fft_size), in_size, ones, fft_size)
+    return out.reshape(*grad.shape[: grad.dim() - rank], *in_size)
+
+
+@to_spectrum_adjoint.register_fake
+def _(grad, in_size, fft_size, out_dtype):
+    batch = grad.shape[: grad.dim() - len(fft_size)]
+    return grad.new_empty((*batch, *in_size), dtype=out_dtype)
+
+
+def _to_spectrum_adjoint_setup(ctx, inputs, output):
+    grad, in_size, fft_size, out_dtype = inputs
+    ctx.in_size, ctx.fft_size = in_size, fft_size
+    ctx.real_dtype = fourier.real_dtype_for(grad.dtype)
+
+
+def _to_spectrum_adjoint_backward(ctx, v):
+    # The adjoint of the adjoint is to_spectrum itself.
+    return to_spectrum(v.to(ctx.real_dtype), ctx.in_size, ctx.fft_size), None, None, None
+
+
+to_spectrum_adjoint.register_autograd(_to_spectrum_adjoint_backward, setup_context=_to_spectrum_adjoint_setup)
 
 
 # --- spectral_mix ------------------------------------------------------------------------

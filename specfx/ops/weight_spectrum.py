@@ -114,11 +114,13 @@ def kernel_gradient(x_hat: torch.Tensor, grad: torch.Tensor, kernel_size: Sequen
     rank = len(fft_size)
     x = contraction.flatten_groups(x_hat, groups, rank)
     g = contraction.flatten_groups(grad, groups, rank)
-    c_in_g, out_per_group = x.shape[2], g.shape[2]
+    batch, c_in_g, out_per_group = x.shape[0], x.shape[2], g.shape[2]
     scale = fourier.rfftn_adjoint_scale(fft_size, x_hat.real.dtype, x_hat.device)
     out = torch.empty((groups, out_per_group, c_in_g, *kernel_size), dtype=dtype, device=x_hat.device)
-    grid_bytes = c_in_g * math.prod(fft_size) * x_hat.element_size()
-    for group_block, out_block in kernel_blocks(groups, out_per_group, grid_bytes):
+    # Per output channel: its conjugated gradient (over the batch), its products with the
+    # input channels and their grids.
+    channel_bytes = (batch + c_in_g) * math.prod(fft_size) * x_hat.element_size()
+    for group_block, out_block in kernel_blocks(groups, out_per_group, channel_bytes):
         k = contraction.batch_outer(x[:, group_block], g[:, group_block, out_block].conj_physical())
         k = k.view(*k.shape[:3], *x_hat.shape[-rank:]).mul_(scale)
         grid = fourier.irfftn(k, fft_size)
