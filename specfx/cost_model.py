@@ -196,9 +196,9 @@ def estimate(shape: ConvShape, geometry: SpectralGeometry, profile: CostProfile 
 #   spatial pointwise   passes·rows·L·eb / memory + overhead     (activation, affine, add)
 #   spectral pointwise  passes·rows·B·2eb / memory + overhead    (spectral affine / add)
 #   exact activation    inverse + forward transform + 3·rows·L·eb / memory, one overhead
-#   poly activation     (degree − 1)·N·(3·rows·N·2eb / memory + 15 µs) + overhead: each
-#                       power's ⊛ sums N shifted copies of the spectrum (three passes per
-#                       shift, three small ops); the input mask, when needed, is a complex
+#   poly activation     (degree − 1)·N·(6·rows·N·2eb / memory + 10 µs) + overhead: each
+#                       power's ⊛ sums N shifted windows of the spectrum (a strided
+#                       multiply-add per shift, measured); the input mask, when needed, is a complex
 #                       GEMM rows x N x N (8·rows·N² flops / complex_gemm). O(N²) per row,
 #                       against O(N log N) for an exact activation's transform pair
 #   conv in the chain   the channel contraction of :func:`estimate` at the shared grid
@@ -254,12 +254,12 @@ def exact_activation_ms(rows: int, grid: tuple[int, ...], size: tuple[int, ...],
 def poly_activation_ms(rows: int, grid: tuple[int, ...], element_bytes: int, degree: int, mask_input: bool,
                        profile: CostProfile = DEFAULT_PROFILE) -> float:
     """``poly_activation``: one circular convolution of spectra per power ≥ 2, each a sum
-    over the N shifts of the spectrum (three passes over it per shift, and a few small
-    ops' launch cost, ~5 µs each); the input mask is one complex GEMM with the mask's
-    circulant (shared by all rows)."""
+    over the N shifts of the spectrum (one strided multiply-add per shift: ~6 passes'
+    worth of memory traffic, measured, and ~10 µs of launch cost); the input mask is one
+    complex GEMM with the mask's circulant (shared by all rows)."""
     n = math.prod(grid)
     complex_bytes = 2 * max(element_bytes, 4)
-    per_shift = 3 * rows * n * complex_bytes / profile.memory_gbps / 1e6 + 3 * 0.005
+    per_shift = 6 * rows * n * complex_bytes / profile.memory_gbps / 1e6 + 0.01
     ms = max(degree - 1, 0) * n * per_shift + profile.per_op_overhead_ms
     if mask_input:
         ms += 8.0 * rows * n * n / profile.complex_gemm_gflops / 1e6

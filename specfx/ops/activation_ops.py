@@ -330,8 +330,8 @@ def circular_convolve(a_full: torch.Tensor, b_full: torch.Tensor, fft_size: list
     over leading dims), at the one-sided bins or at every grid position: O(N_out·N) per
     row. When ``A`` is one spectrum shared by every row (the mask), it is one GEMM of the
     rows of ``B`` with ``A``'s circulant; otherwise a sum over the N shifts of ``B``
-    (``Σ_q A[q]·roll(B, q)``), which streams through memory instead of gathering an
-    N_out x N block per row."""
+    (``Σ_q A[q]·roll(B, q)``, each shift a window of ``B`` tiled twice), which streams
+    through memory instead of gathering an N_out x N block per row."""
     rank = len(fft_size)
     n = math.prod(fft_size)
     lead = torch.broadcast_shapes(a_full.shape[:-1], b_full.shape[:-1])
@@ -340,13 +340,15 @@ def circular_convolve(a_full: torch.Tensor, b_full: torch.Tensor, fft_size: list
         circulant = a_full.reshape(-1)[table].transpose(0, 1)  # (N, K): A[k − q]
         rows = b_full.expand(*lead, n).reshape(-1, n)
         return (rows @ circulant).reshape(*lead, table.shape[0])
-    a = a_full.expand(*lead, n).reshape(-1, n)
+    a = a_full.expand(*lead, n).reshape(-1, n, *([1] * rank))
     b = b_full.expand(*lead, n).reshape(-1, *fft_size)
-    dims = list(range(-rank, 0))
+    # B tiled twice along each axis: roll(B, q) is the window of it starting at P − q (a view)
+    tiled = b.repeat(1, *([2] * rank))
     out = torch.zeros_like(b)
     shifts = torch.cartesian_prod(*[torch.arange(p) for p in fft_size]).reshape(n, rank).tolist()
     for q, shift in enumerate(shifts):
-        out += a[:, q].reshape(-1, *([1] * rank)) * torch.roll(b, shifts=shift, dims=dims)
+        window = tiled[(slice(None),) + tuple(slice(p - s, 2 * p - s) for p, s in zip(fft_size, shift))]
+        out.addcmul_(window, a[:, q])
     out = out.reshape(-1, n)
     if one_sided:
         out = out.index_select(-1, _grid_tables(tuple(fft_size))[3].to(out.device))
