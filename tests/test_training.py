@@ -20,6 +20,8 @@ import math
 
 import pytest
 import torch
+import torch._functorch.config
+import torch._inductor.config
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import assert_scaled_close
@@ -217,7 +219,9 @@ GRADCHECK_CONFIGS = {
 @pytest.mark.parametrize("name", sorted(GRADCHECK_CONFIGS))
 def test_gradcheck_and_gradgradcheck_fp64(name):
     """First and second derivatives of the lowered conv equal finite differences (fp64):
-    the backward's own backward runs through the same spectral ops."""
+    the backward's own backward runs through the same spectral ops. The second derivatives
+    are checked in gradgradcheck's fast mode (random projections of the Jacobian; a wrong
+    formula fails it as surely, at a fraction of the cost)."""
     conv, x = make_conv(GRADCHECK_CONFIGS[name], torch.float64)
     leaves = (x.requires_grad_(), conv.weight.detach().requires_grad_(), conv.bias.detach().requires_grad_())
 
@@ -226,22 +230,23 @@ def test_gradcheck_and_gradgradcheck_fp64(name):
                                     conv.padding_mode)
 
     assert torch.autograd.gradcheck(spectral, leaves)
-    assert torch.autograd.gradgradcheck(spectral, leaves)
+    assert torch.autograd.gradgradcheck(spectral, leaves, fast_mode=True)
 
 
 def gradient_op_arguments(dtype):
     torch.manual_seed(0)
-    fft, bins, groups = [7, 6], [7, 4], 2
-    grad = torch.randn(2, 4, *bins, dtype=dtype, requires_grad=True)
-    x_hat = torch.randn(2, 6, *bins, dtype=dtype, requires_grad=True)
-    weight = torch.randn(4, 3, 3, 2, dtype=dtype.to_real(), requires_grad=True)
+    fft, bins, groups = [5, 4], [5, 3], 2
+    grad = torch.randn(2, 2, *bins, dtype=dtype, requires_grad=True)
+    x_hat = torch.randn(2, 4, *bins, dtype=dtype, requires_grad=True)
+    weight = torch.randn(2, 2, 3, 2, dtype=dtype.to_real(), requires_grad=True)
     return {
         "spectral_mix_grad_input": (grad, weight, fft, [2, 1], [1, 0], groups),
         "spectral_mix_grad_weight": (x_hat, grad, [3, 2], fft, [2, 1], [1, 0], groups, weight.dtype),
+        "to_spectrum_adjoint": (x_hat, [4, 3], fft, weight.dtype),
     }
 
 
-@pytest.mark.parametrize("op_name", ["spectral_mix_grad_input", "spectral_mix_grad_weight"])
+@pytest.mark.parametrize("op_name", ["spectral_mix_grad_input", "spectral_mix_grad_weight", "to_spectrum_adjoint"])
 def test_gradient_ops_pass_opcheck_and_gradcheck_on_arbitrary_spectra(op_name):
     """The gradient ops are registered like the forward ops (fake impl, autograd), and
     their own gradients hold for any complex spectra, not only those of real signals."""
@@ -258,7 +263,7 @@ def test_gradient_ops_pass_opcheck_and_gradcheck_on_arbitrary_spectra(op_name):
 
 # --- a training run ------------------------------------------------------------------------
 
-def grating_batch(gen: torch.Generator, n: int = 16, size: int = 24, classes: int = 4):
+def grating_batch(gen: torch.Generator, n: int = 8, size: int = 24, classes: int = 4):
     """Noisy sinusoidal gratings, labelled by their orientation (one of ``classes``), with
     random spatial frequency and phase: a task large kernels suit."""
     labels = torch.randint(0, classes, (n,), generator=gen)
@@ -294,7 +299,7 @@ class LargeKernelNet(nn.Module):
 
 
 def train(model: nn.Module, batches, steps: int = 50) -> torch.Tensor:
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.015, momentum=0.9)
     losses = []
     for x, labels in batches[:steps]:
         optimizer.zero_grad()
@@ -307,13 +312,15 @@ def train(model: nn.Module, batches, steps: int = 50) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 def test_fifty_training_steps_follow_eagers_loss_curve(dtype, tol):
-    """50 SGD steps (momentum 0.9) of the same network from the same weights on the same
-    batches, every conv lowered: each step's loss equals eager's within ``tol`` relative.
+    """50 SGD steps (lr 0.015, momentum 0.9; the mean loss of the last 10 steps is ~0.6 of
+    the first 10's) of the same network from the same weights on the same batches, every
+    conv lowered: each step's loss equals eager's within ``tol`` relative.
 
-    fp64 (tol 1e-10; ~1e-15 measured) shows the training is exact up to rounding. fp32
-    (tol 1e-4, as test_backend's training test; ~1e-7 measured): rounding differences
+    fp64 (tol 1e-10; 2e-15 measured) shows the training is exact up to rounding. fp32
+    (tol 1e-4, as test_backend's training test; 3e-7 measured): rounding differences
     (eager's own included) are amplified from step to step, the more so the faster a run
-    learns, so the bound is for this learning rate.
+    learns (at lr 0.02 the two fp32 curves part by 4e-3 within the 50 steps), so the bound
+    holds for this learning rate.
     """
     gen = torch.Generator().manual_seed(0)
     batches = [(x.to(dtype), labels) for x, labels in (grating_batch(gen) for _ in range(50))]
@@ -323,5 +330,5 @@ def test_fifty_training_steps_follow_eagers_loss_curve(dtype, tol):
     assert fast.specfx_report.lowered == ["stem", "large", "mix", "down", "dense"]
     expected = train(eager, batches)
     actual = train(fast, batches)
-    assert expected[-10:].mean() < 0.9 * expected[:10].mean()  # it learns
+    assert expected[-10:].mean() < 0.8 * expected[:10].mean()  # it learns
     torch.testing.assert_close(actual, expected, rtol=tol, atol=0)

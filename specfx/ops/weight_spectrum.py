@@ -146,6 +146,10 @@ class SpectrumCache:
     can turn it off (``SPECTRUM_CACHE.verify_contents = False``). Tensors that carry no
     version (inference tensors, tensors being traced) are never cached. Entries die with
     their weight.
+
+    In training the weights change every step: the forward computes the spectrum (a miss),
+    the backward's input gradient reads it (a hit), so it is computed once per step; the
+    stale entry is dropped before the new spectrum is computed.
     """
 
     def __init__(self, verify_contents: bool = True) -> None:
