@@ -1,7 +1,7 @@
 """Spectral chains, side by side: eager vs per-conv lowering vs exact chain fusion vs poly
 activations vs what ``policy="auto"`` picks.
 
-    python benchmarks/chains.py [--rounds 5] [--quick] [--markdown benchmarks/CHAINS.md]
+    python benchmarks/chains.py [--rounds 5] [--threads 1] [--quick] [--markdown /tmp/chains_table.md]
 
 Every candidate of a case runs in the same process, interleaved round by round (a burst
 of load on a shared machine hits all of them alike); the figure is the median of the
@@ -221,8 +221,12 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="smaller maps (32x32), for a smoke run")
     parser.add_argument("--poly-limit-ms", type=float, default=1000.0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (1 gives steadier figures on a shared machine)")
     parser.add_argument("--markdown", help="also write the table (with the command and machine) to this file")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = []
     for case in cases(args.quick):
         row = run_case(case, args.rounds, args.poly_limit_ms)
