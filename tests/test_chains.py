@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 import specfx
 from conftest import assert_scaled_close
-from specfx import chains as ch
 from specfx.passes.find_chains import build_digraph
 from specfx.verify import scaled_error
 
