@@ -222,3 +222,16 @@ def test_fit_poly_is_exact_on_the_square_and_reports_the_true_error():
     # a polynomial of degree ≤ the fit's is recovered
     coeffs, error = chains.fit_poly(u, "identity", 0.0, 3, rank=2)
     assert error < 1e-10
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu"])
+def test_spectral_activation_in_row_blocks(monkeypatch, activation):
+    """Large tensors run in blocks of rows (per-channel scale and shift repeated per row)."""
+    fft, size = [8, 8], [6, 7]
+    x_hat = spectrum(fft, 4, batch=3)
+    s, b = vectors(4)
+    whole = OPS.spectral_activation(x_hat, fft, size, s, b[:1], activation, 0.0)
+    monkeypatch.setattr(A, "_BLOCK_BYTES", 2000)
+    assert len(A._row_blocks(12, fft, 8)) > 1
+    assert_scaled_close(OPS.spectral_activation(x_hat, fft, size, s, b[:1], activation, 0.0), whole)
+    assert_scaled_close(whole, spatial_activation(x_hat, fft, size, s, b[:1].expand(4), activation))

@@ -90,10 +90,49 @@ def mask_spectrum(size: list[int], fft_size: list[int], dtype: torch.dtype, devi
 def _affine(x: torch.Tensor, scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
             rank: int) -> torch.Tensor:
     if scale is not None:
-        x = x * _channel_view(scale.to(x.dtype), rank)
+        x = x * _channel_view(scale.to(x.device, x.dtype), rank)
     if shift is not None:
-        x = x + _channel_view(shift.to(x.dtype), rank)
+        x = x + _channel_view(shift.to(x.device, x.dtype), rank)
     return x
+
+
+# The exact activation runs over blocks of (batch x channel) rows, so that its spatial
+# temporaries stay a few MiB (in cache) instead of growing with the whole tensor.
+_BLOCK_BYTES = 4 << 20
+
+
+def _row_blocks(rows: int, fft_size: list[int], element_bytes: int) -> list[slice]:
+    step = max(1, _BLOCK_BYTES // (math.prod(fft_size) * element_bytes))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _per_row(v: torch.Tensor, channels: int, rows: int) -> torch.Tensor:
+    """A per-channel (or one-element) vector, repeated for rows that run over
+    (batch, channel) with the channel fastest."""
+    return v.reshape(-1).expand(channels).repeat(rows // channels)
+
+
+def _affine_(x: torch.Tensor, scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
+             rank: int) -> torch.Tensor:
+    """:func:`_affine` in place on a temporary."""
+    if scale is not None:
+        x = x.mul_(_channel_view(scale.to(x.device, x.dtype), rank))
+    if shift is not None:
+        x = x.add_(_channel_view(shift.to(x.device, x.dtype), rank))
+    return x
+
+
+def _activate_(u: torch.Tensor, activation: str, slope: float) -> torch.Tensor:
+    """:func:`_activate`, in place where torch has an in-place form."""
+    if activation == "relu":
+        return u.relu_()
+    if activation == "leaky_relu":
+        return F.leaky_relu_(u, slope)
+    if activation == "silu":
+        return F.silu(u, inplace=True)
+    if activation == "identity":
+        return u
+    return _activate(u, activation, slope)
 
 
 def _activate(u: torch.Tensor, activation: str, slope: float) -> torch.Tensor:
@@ -146,9 +185,22 @@ def spectral_activation(x_hat: torch.Tensor, fft_size: list[int], size: list[int
     spectral activation (inverse transform, mask, affine, activation, forward transform)."""
     _check_activation(activation)
     rank = len(fft_size)
-    x = _crop(fourier.irfftn(x_hat, fft_size), size)
-    a = _activate(_affine(x, scale, shift, rank), activation, negative_slope)
-    return fourier.rfftn(a, fft_size)
+    rows = x_hat.reshape(-1, *x_hat.shape[-rank:])
+    blocks = _row_blocks(rows.shape[0], fft_size, fourier.real_dtype_for(x_hat.dtype).itemsize)
+    if len(blocks) == 1:
+        x = _crop(fourier.irfftn(x_hat, fft_size), size)
+        a = _activate_(_affine_(x, scale, shift, rank), activation, negative_slope)
+        return fourier.rfftn(a, fft_size)
+    channels = x_hat.shape[x_hat.dim() - rank - 1]
+    row_scale, row_shift = (None if v is None else _per_row(v, channels, rows.shape[0]) for v in (scale, shift))
+    out = torch.empty_like(rows)
+    for block in blocks:
+        x = _crop(fourier.irfftn(rows[block], fft_size), size)
+        x = _affine_(x, None if row_scale is None else row_scale[block],
+                     None if row_shift is None else row_shift[block], rank)
+        torch.fft.rfftn(_activate_(x, activation, negative_slope), s=list(fft_size),
+                        dim=fourier.spatial_dims(rank), out=out[block])
+    return out.reshape(x_hat.shape)
 
 
 @spectral_activation.register_fake
