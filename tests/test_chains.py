@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import specfx
 from conftest import assert_scaled_close
@@ -214,6 +216,65 @@ def test_fused_chain_is_exact_forward_and_backward(kind, dtype):
         assert_scaled_close(fast_params[name].grad, p.grad)
 
 
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "leaky_relu": lambda: nn.LeakyReLU(0.1),
+               "none": nn.Identity}
+
+
+@st.composite
+def chain_configs(draw):
+    """A conv -> [BN] -> activation -> conv pair with every free parameter drawn."""
+    rank = draw(st.sampled_from([1, 2]))
+    k = draw(st.sampled_from([1, 3, 5, 7]))
+    dilation = draw(st.integers(1, 2))
+    mode = draw(st.sampled_from(["zeros", "circular", "valid"]))
+    extent = (k - 1) * dilation
+    size = draw(st.integers(max(2, 2 * extent + 1), 2 * extent + 12))
+    return dict(rank=rank, k=k, dilation=dilation, mode=mode,
+                size=[size] + ([draw(st.integers(max(2, 2 * extent + 1), 2 * extent + 12))] if rank == 2 else []),
+                channels=draw(st.integers(1, 4)), depthwise=draw(st.booleans()),
+                batch_norm=draw(st.booleans()), activation=draw(st.sampled_from(sorted(ACTIVATIONS))),
+                batch=draw(st.integers(1, 3)), dtype=draw(st.sampled_from([torch.float32, torch.float64])),
+                seed=draw(st.integers(0, 2**16)))
+
+
+def _generated_pair(cfg) -> nn.Module:
+    conv = {1: nn.Conv1d, 2: nn.Conv2d}[cfg["rank"]]
+    c, k, d = cfg["channels"], cfg["k"], cfg["dilation"]
+    padding = 0 if cfg["mode"] == "valid" else (k - 1) * d // 2
+    mode = "circular" if cfg["mode"] == "circular" else "zeros"
+    groups = c if cfg["depthwise"] else 1
+    norm = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}[cfg["rank"]]
+    return nn.Sequential(
+        conv(c, c, k, padding=padding, dilation=d, groups=groups, padding_mode=mode),
+        norm(c) if cfg["batch_norm"] else nn.Identity(),
+        ACTIVATIONS[cfg["activation"]](),
+        conv(c, c, k, padding=padding, dilation=d, groups=groups, padding_mode=mode))
+
+
+@settings(max_examples=60, deadline=None)
+@given(cfg=chain_configs())
+def test_generated_chains_are_exact_forward_and_backward(cfg):
+    """Gradients are compared in norm, all parameters' as one vector: a small conv's
+    weight gradient is a short sum that can cancel to far below its terms, and an FFT
+    conv's rounding error is bounded by the terms, not by the sum."""
+    torch.manual_seed(cfg["seed"])
+    model = _eval(_generated_pair(cfg)).to(cfg["dtype"])
+    x = torch.randn(cfg["batch"], cfg["channels"], *cfg["size"], dtype=cfg["dtype"])
+    fast = specfx.optimize(model, (x,), policy="always")
+    assert [c.fused for c in fast.specfx_report.chains] == [True], str(fast.specfx_report)
+    dy = None
+    grads = []
+    for module in (fast, model):
+        x_in = x.clone().requires_grad_()
+        out = module(x_in)
+        dy = torch.randn_like(out) if dy is None else dy
+        out.backward(dy)
+        params = dict(module.named_parameters())
+        grads.append((out, x_in.grad, torch.cat([params[name].grad.flatten() for name in sorted(params)])))
+    for actual, expected in zip(*grads):
+        assert_scaled_close(actual, expected)
+
+
 def test_transforms_match_explain_and_per_conv_lowering():
     model, x = _eval(Residual()), torch.randn(X2)
     report = specfx.explain(model, (x,), policy="always", spectral_activation="poly")
@@ -357,6 +418,26 @@ def test_poly_is_exact_on_a_square_activation_network(mode):
     targets = [n.target for n in fast.graph.nodes]
     assert OPS.spectral_activation.default not in targets and targets.count(OPS.poly_activation.default) == 2
     assert report.output_error is None and report.verified_error < 1e-4
+    assert_scaled_close(fast(x), model(x))
+
+
+def test_poly_is_exact_on_a_trained_square_activation_network():
+    """Train the square-activation net to fit a target, then lower it with poly: the
+    trained weights change nothing about exactness (x ↦ x² is its own polynomial)."""
+    torch.manual_seed(0)
+    model, x = Square(), torch.randn(X2)
+    target = torch.tanh(torch.randn(X2))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(80):
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), target)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    fast = specfx.optimize(model, (x,), policy="always", spectral_activation="poly")
+    assert [a.error for a in fast.specfx_report.chains[0].activations] == [0.0, 0.0]
     assert_scaled_close(fast(x), model(x))
 
 
