@@ -1,0 +1,90 @@
+"""The Triton kernels as the CUDA implementations of ``specfx::spectral_mix``,
+``specfx::spectral_activation`` and ``specfx::poly_activation``.
+
+Inputs the kernels do not cover (complex128 spectra, grids over 64 per axis or of rank 3
+for the fused activations) run the op's own implementation, which on CUDA tensors is the
+torch.fft path on cuFFT. The CPU kernels are untouched. :func:`triton_kernels` switches
+the Triton kernels off for a block of code (benchmarks compare both paths in one process).
+
+The kernel modules are imported on the first CUDA call, not here: ``@triton.jit`` decides
+at import whether a kernel is compiled or interpreted (``TRITON_INTERPRET=1``), and
+importing specfx should not fix that choice for a process that sets it later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from .. import activation_ops, contraction, fourier, spectral_ops
+from ..weight_spectrum import SPECTRUM_CACHE
+
+_enabled = True
+
+
+def triton_enabled() -> bool:
+    """Whether the CUDA implementations use the Triton kernels (else the torch.fft path)."""
+    return _enabled
+
+
+@contextlib.contextmanager
+def triton_kernels(enabled: bool) -> Iterator[None]:
+    """Use the Triton kernels (``True``) or the torch.fft path (``False``) inside the block."""
+    global _enabled
+    previous, _enabled = _enabled, enabled
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+def _default(op) -> Callable:
+    """The op's own implementation: what the dispatcher runs on devices with no kernel of
+    their own (``CustomOpDef`` keeps it as ``_init_fn``)."""
+    return op._init_fn
+
+
+def spectral_mix_cuda(x_hat: torch.Tensor, weight: torch.Tensor, fft_size: list[int], dilation: list[int],
+                      shift: list[int], groups: int) -> torch.Tensor:
+    """``specfx::spectral_mix`` with the Triton contraction (fp32)."""
+    if not _enabled or x_hat.dtype != torch.complex64 or fourier.real_dtype_for(weight.dtype) != torch.float32:
+        return _default(spectral_ops.spectral_mix)(x_hat, weight, fft_size, dilation, shift, groups)
+    from . import mix
+
+    rank = len(fft_size)
+    batch = x_hat.shape[: x_hat.dim() - rank - 1].numel()
+    # The layout the op's own implementation (and its backward) caches, so that all of them
+    # share one weight spectrum; the kernel reads any layout through its strides.
+    path = contraction.choose_path(weight.shape[1], batch)
+    laid = SPECTRUM_CACHE.get(weight, fft_size, dilation, shift, groups, path)
+    return mix.spectral_mix(x_hat, contraction.group_view(laid, groups, path), groups, rank)
+
+
+def spectral_activation_cuda(x_hat: torch.Tensor, fft_size: list[int], size: list[int],
+                             scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], activation: str,
+                             negative_slope: float) -> torch.Tensor:
+    """``specfx::spectral_activation`` with the fused Triton kernel on small grids."""
+    from . import activation as fused
+
+    if _enabled and fused.supports(x_hat, fft_size):
+        return fused.spectral_activation(x_hat, fft_size, size, scale, shift, activation, negative_slope)
+    return _default(activation_ops.spectral_activation)(x_hat, fft_size, size, scale, shift, activation,
+                                                        negative_slope)
+
+
+def poly_activation_cuda(x_hat: torch.Tensor, coeffs: torch.Tensor, fft_size: list[int], size: list[int],
+                         scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
+                         mask_input: bool) -> torch.Tensor:
+    """``specfx::poly_activation`` with the fused Triton kernel on small grids."""
+    from . import activation as fused
+
+    if _enabled and fused.supports(x_hat, fft_size):
+        return fused.poly_activation(x_hat, coeffs, fft_size, size, scale, shift, mask_input)
+    return _default(activation_ops.poly_activation)(x_hat, coeffs, fft_size, size, scale, shift, mask_input)
+
+
+torch.library.register_kernel("specfx::spectral_mix", "cuda", spectral_mix_cuda)
+torch.library.register_kernel("specfx::spectral_activation", "cuda", spectral_activation_cuda)
+torch.library.register_kernel("specfx::poly_activation", "cuda", poly_activation_cuda)
