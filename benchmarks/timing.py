@@ -16,10 +16,14 @@ from typing import Callable
 
 import torch
 
+from specfx.measure import settle_allocator
+
 
 def interleaved_medians(candidates: dict[str, Callable[[], object]], rounds: int,
                         warmup: int = 2) -> dict[str, float]:
-    """Median milliseconds per call of each candidate."""
+    """Median milliseconds per call of each candidate, in the allocator state of a running
+    model (see :func:`specfx.measure.settle_allocator`)."""
+    settle_allocator()
     times: dict[str, list[float]] = {name: [] for name in candidates}
     with torch.no_grad():
         for fn in candidates.values():

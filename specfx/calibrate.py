@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .cost_model import CostProfile, default_profile_path
+from .measure import settle_allocator
 
 
 def _median_s(fn: Callable[[], object], repeats: int = 7) -> float:
@@ -58,6 +59,7 @@ def _depthwise_cliff(rates: dict[int, float]) -> tuple[int, float, float]:
 
 def measure_profile() -> CostProfile:
     """Time the kernels each path runs on, at sizes typical of the convs specfx lowers."""
+    settle_allocator()
     with torch.no_grad():
         dense = _conv_gflops(torch.randn(8, 64, 32, 32), torch.randn(64, 64, 5, 5), 1)
         dw_input = torch.randn(2, 64, 64, 64)
@@ -82,10 +84,17 @@ def measure_profile() -> CostProfile:
 
         tiny = torch.randn(1, 1, 8)
         overhead_ms = _median_s(lambda: ops.to_spectrum(tiny, [8], [8]), repeats=51) * 1e3
+
+        # A block above the mmap ceiling, written fresh vs written again.
+        mib = 64
+        reused = torch.empty(mib << 20, dtype=torch.uint8)
+        fresh_s = _median_s(lambda: torch.empty(mib << 20, dtype=torch.uint8).fill_(0))
+        fresh_page = max(0.0, fresh_s - _median_s(lambda: reused.fill_(0))) * 1e3 / mib
     return CostProfile(dense_direct_gflops=dense, depthwise_fast_gflops=fast,
                        depthwise_fast_max_kernel=fast_max_kernel, depthwise_slow_gflops=slow,
                        depthwise_channels_last_gflops=depthwise_cl, fft_gflops=fft, inverse_fft_gflops=inverse_fft,
-                       complex_gemm_gflops=gemm, memory_gbps=bandwidth, per_op_overhead_ms=overhead_ms)
+                       complex_gemm_gflops=gemm, memory_gbps=bandwidth, per_op_overhead_ms=overhead_ms,
+                       fresh_page_ms_per_mib=fresh_page)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
+import torch
+
 from .geometry import SpectralGeometry
 from .ops import contraction
 
@@ -31,11 +33,12 @@ class CostProfile:
 
     Depthwise direct convs run on a fast kernel up to ``depthwise_fast_max_kernel`` and on
     a slow path above it (oneDNN's cliff: k ≤ 9 here, k ≤ 13 on other CPUs); channels-last
-    inputs keep a fast kernel at every size.
+    inputs keep a fast kernel at every size. ``fresh_page_ms_per_mib`` is the cost of
+    first touching newly mapped memory (see :func:`fresh_pages_ms`).
     """
 
     dense_direct_gflops: float = 160.0
-    depthwise_fast_gflops: float = 30.0
+    depthwise_fast_gflops: float = 70.0
     depthwise_fast_max_kernel: int = 9
     depthwise_slow_gflops: float = 4.7
     depthwise_channels_last_gflops: float = 60.0
@@ -44,6 +47,7 @@ class CostProfile:
     complex_gemm_gflops: float = 64.0
     memory_gbps: float = 34.0
     per_op_overhead_ms: float = 0.06
+    fresh_page_ms_per_mib: float = 0.45
 
     def save(self, path: Union[str, Path, None] = None) -> Path:
         """Write the profile as JSON (to :func:`default_profile_path` by default)."""
@@ -76,6 +80,28 @@ def default_profile_path() -> Path:
 
 
 DEFAULT_PROFILE = CostProfile()
+
+
+def profile_for_device(device: Union[str, torch.device]) -> CostProfile:
+    """The rates for convs on ``device``: the GPU defaults of :mod:`specfx.gpu_costs` on
+    CUDA, else this machine's CPU profile (calibrated, else the built-in defaults)."""
+    if torch.device(device).type == "cuda":
+        from .gpu_costs import CUDA_PROFILE  # (gpu_costs imports this module)
+        return CUDA_PROFILE
+    return CostProfile.load()
+
+# glibc maps allocations above its mmap threshold afresh on every call (page faults on
+# first touch) and the threshold never rises above 32 MiB; smaller temporaries are reused
+# from the heap once a model runs (see specfx.measure.settle_allocator).
+MMAP_CEILING_BYTES = 32 << 20
+
+
+def fresh_pages_ms(tensor_bytes: float, profile: CostProfile = DEFAULT_PROFILE) -> float:
+    """Page-fault time of allocating and first writing a tensor of ``tensor_bytes``: zero
+    below the mmap ceiling, ``fresh_page_ms_per_mib`` per MiB above it (0.45 ms/MiB on the
+    2-core VM the defaults come from: a fresh 50 MB output costs as much as 700 MB of
+    memory traffic)."""
+    return tensor_bytes / (1 << 20) * profile.fresh_page_ms_per_mib if tensor_bytes > MMAP_CEILING_BYTES else 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +194,8 @@ def estimate(shape: ConvShape, geometry: SpectralGeometry, profile: CostProfile 
     b, cin, cout, g = shape.batch, shape.in_channels, shape.out_channels, shape.groups
     out_points = math.prod(shape.out_size)
     direct_flop = 2.0 * b * cout * (cin // g) * shape.kernel_volume * out_points
-    direct_ms = direct_flop / _direct_rate(shape, profile) / 1e6
+    eb = max(shape.element_bytes, 4)
+    direct_ms = direct_flop / _direct_rate(shape, profile) / 1e6 + fresh_pages_ms(b * cout * out_points * eb, profile)
 
     bins = math.prod(geometry.fft_size[:-1]) * (geometry.fft_size[-1] // 2 + 1)
     forward_flop = b * cin * _transform_flop(geometry.fft_size)
@@ -177,8 +204,11 @@ def estimate(shape: ConvShape, geometry: SpectralGeometry, profile: CostProfile 
     mix_flop, mix_ms = _mix_ms(shape, bins, profile)
     transform_ms = (forward_flop / profile.fft_gflops + inverse_flop / profile.inverse_fft_gflops) / 1e6
     # Zero-padding the input onto the grid, and cropping the output off it (plus bias).
-    copy_bytes = (b * cin * math.prod(geometry.fft_size) + 2 * b * cout * out_points) * max(shape.element_bytes, 4)
-    fft_ms = transform_ms + mix_ms + copy_bytes / profile.memory_gbps / 1e6 + 3 * profile.per_op_overhead_ms
+    copy_bytes = (b * cin * math.prod(geometry.fft_size) + 2 * b * cout * out_points) * eb
+    # The input and output spectra and the output are fresh allocations of every call.
+    fresh_ms = sum(fresh_pages_ms(t, profile) for t in (b * cin * bins * 2 * eb, b * cout * bins * 2 * eb,
+                                                        b * cout * out_points * eb))
+    fft_ms = transform_ms + mix_ms + copy_bytes / profile.memory_gbps / 1e6 + fresh_ms + 3 * profile.per_op_overhead_ms
     return ConvCost(direct_gflop=direct_flop / 1e9, fft_gflop=(transform_flop + mix_flop) / 1e9,
                     direct_ms=direct_ms, fft_ms=fft_ms, fft_size=geometry.fft_size)
 

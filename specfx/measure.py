@@ -15,6 +15,21 @@ from .geometry import SpectralGeometry
 
 PaddingPairs = list[tuple[int, int]]
 
+# glibc serves allocations above its mmap threshold (128 KiB at start) with fresh pages,
+# one page fault per 4 KiB on first touch, and raises the threshold to the size of such a
+# block when it is freed (for blocks up to 32 MiB). A running model crosses that point in
+# its first step; a timing taken before it charges a conv of a few MB ~3 ms of page faults
+# (on a 2-core x86 CPU, 3x the time of a depthwise k9 conv on (2, 64, 64, 64)).
+_SETTLING_BYTES = 31 << 20
+
+
+def settle_allocator() -> None:
+    """Put the CPU allocator in the state a running model sees, before timing anything:
+    allocate and free one large block, as a model's first step does."""
+    block = torch.empty(_SETTLING_BYTES, dtype=torch.uint8)
+    block.fill_(0)
+    del block
+
 
 def direct_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: list[int],
                 padding: PaddingPairs, dilation: list[int], groups: int, padding_mode: str) -> torch.Tensor:
@@ -49,6 +64,7 @@ def measure_conv(input_shape: tuple[int, ...], dtype: torch.dtype, weight: torch
                  budget_s: float = 0.5) -> tuple[float, float]:
     """Median milliseconds of the direct conv and of its FFT lowering, on a random input of
     the conv's real shape with its real weight (weight spectrum cached, as in inference)."""
+    settle_allocator()
     x = torch.randn(input_shape, dtype=dtype, device=weight.device)
     w = weight.detach()
     b = None if bias is None else bias.detach()

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import specfx
 from specfx import calibrate
-from specfx.cost_model import CostProfile, ConvShape, estimate
+from specfx.cost_model import MMAP_CEILING_BYTES, CostProfile, ConvShape, estimate, fresh_pages_ms
 from specfx.functional import conv_geometry
 from specfx.geometry import smooth_size
 from specfx.measure import Progress
@@ -55,6 +55,18 @@ def test_depthwise_cliff_is_a_profile_setting():
     after = _cost((2, 64, 64, 64), (64, 1, 13, 13), 64, 6, CostProfile(depthwise_fast_max_kernel=13))
     assert before.direct_ms > 3 * after.direct_ms
     assert before.fft_ms == after.fft_ms
+
+
+def test_fresh_pages_are_charged_above_the_mmap_ceiling_only():
+    assert fresh_pages_ms(MMAP_CEILING_BYTES) == 0.0
+    assert fresh_pages_ms(64 << 20, CostProfile(fresh_page_ms_per_mib=0.5)) == pytest.approx(32.0)
+    # convnet L1: a 50 MB output, and 51 MB of output spectrum on the FFT path
+    free = CostProfile(fresh_page_ms_per_mib=0.0)
+    paid = CostProfile(fresh_page_ms_per_mib=0.5)
+    before, after = (_cost((8, 3, 128, 128), (96, 3, 11, 11), 1, 0, p) for p in (free, paid))
+    out_mib, spectrum_mib = 8 * 96 * 118 * 118 * 4 / 2**20, 8 * 96 * 128 * 65 * 8 / 2**20
+    assert after.direct_ms - before.direct_ms == pytest.approx(0.5 * out_mib)
+    assert after.fft_ms - before.fft_ms == pytest.approx(0.5 * (out_mib + spectrum_mib))
 
 
 def test_profile_round_trip_and_default_path(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
 import specfx  # noqa: E402,F401  (registers the ops)
 from conftest import assert_scaled_close as _assert_real_close  # noqa: E402
 from specfx.ops import activation_ops, contraction, fourier, spectral_ops  # noqa: E402
@@ -24,26 +27,13 @@ from specfx.ops import activation_ops, contraction, fourier, spectral_ops  # noq
 CUDA = torch.cuda.is_available()
 
 
-@contextlib.contextmanager
-def _env(key: str, value: str):
-    previous = os.environ.get(key)
-    os.environ[key] = value
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[key]
-        else:
-            os.environ[key] = previous
-
-
 # @triton.jit picks compiled or interpreted kernels when their module is imported; the
 # variable is set for the import only, so nothing else in the session sees it.
-with contextlib.nullcontext() if CUDA else _env("TRITON_INTERPRET", "1"):
+with contextlib.nullcontext() if CUDA else mock.patch.dict(os.environ, TRITON_INTERPRET="1"):
     from specfx.ops.triton import activation as fused  # noqa: E402
     from specfx.ops.triton import mix, register  # noqa: E402
 
-INTERPRETED = type(mix._mix_gemm_kernel).__name__ == "InterpretedFunction"
+INTERPRETED = isinstance(mix._mix_gemm_kernel, InterpretedFunction)
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRETED, reason="the kernels are compiled for CUDA in "
                                                  "this session; CPU tensors need TRITON_INTERPRET=1")),
@@ -288,3 +278,19 @@ def test_triton_kernels_run_in_an_optimized_cuda_model():
     assert [c.fused for c in fast.specfx_report.chains] == [True]
     with torch.no_grad():
         assert_close(fast(x), model(x), tol=1e-4)
+
+
+# --- the GPU cost profile --------------------------------------------------------------------
+
+@pytest.mark.parametrize("groups, k, size, lowered", [(64, 31, 32, True), (64, 7, 14, False), (1, 3, 32, False),
+                                                      (1, 15, 32, False)])
+def test_gpu_cost_profile_lowers_large_depthwise_kernels(groups, k, size, lowered):
+    """With the CUDA defaults, cuDNN keeps small and dense kernels (TF32 tensor cores) and
+    the FFT takes large depthwise ones."""
+    from specfx.cost_model import profile_for_device
+    from specfx.gpu_costs import CUDA_PROFILE
+
+    assert profile_for_device("cuda:0") is CUDA_PROFILE and profile_for_device("cpu") is not CUDA_PROFILE
+    conv = torch.nn.Conv2d(64, 64, k, padding=k // 2, groups=groups)
+    report = specfx.explain(conv, (torch.randn(2, 64, size, size),), profile=CUDA_PROFILE)
+    assert bool(report.lowered) == lowered, report.decisions[0].cost.summary()

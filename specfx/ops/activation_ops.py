@@ -96,16 +96,6 @@ def _affine(x: torch.Tensor, scale: Optional[torch.Tensor], shift: Optional[torc
     return x
 
 
-# The exact activation runs over blocks of (batch x channel) rows, so that its spatial
-# temporaries stay a few MiB (in cache) instead of growing with the whole tensor.
-_BLOCK_BYTES = 4 << 20
-
-
-def _row_blocks(rows: int, fft_size: list[int], element_bytes: int) -> list[slice]:
-    step = max(1, _BLOCK_BYTES // (math.prod(fft_size) * element_bytes))
-    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
-
-
 def _per_row(v: torch.Tensor, channels: int, rows: int) -> torch.Tensor:
     """A per-channel (or one-element) vector, repeated for rows that run over
     (batch, channel) with the channel fastest."""
@@ -186,7 +176,7 @@ def spectral_activation(x_hat: torch.Tensor, fft_size: list[int], size: list[int
     _check_activation(activation)
     rank = len(fft_size)
     rows = x_hat.reshape(-1, *x_hat.shape[-rank:])
-    blocks = _row_blocks(rows.shape[0], fft_size, fourier.real_dtype_for(x_hat.dtype).itemsize)
+    blocks = fourier.row_blocks(rows.shape[0], fft_size, fourier.real_dtype_for(x_hat.dtype).itemsize)
     if len(blocks) == 1:
         x = _crop(fourier.irfftn(x_hat, fft_size), size)
         a = _activate_(_affine_(x, scale, shift, rank), activation, negative_slope)

@@ -8,7 +8,7 @@ under fake tensors, AOTAutograd and double backward.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -16,6 +16,22 @@ import torch
 # that their temporaries (zero-padded grids, an inverse transform's copy of its input, a
 # block of kernel spectra) stay a few MiB instead of growing with the whole tensor.
 BLOCK_BYTES = 4 << 20
+# An inverse transform holds three block-sized temporaries (torch's irfftn: the transform
+# along the leading axes, the copy its last-axis c2r step overwrites, the real output)
+# beside the spectrum it reads, so its blocks are smaller.
+INVERSE_BLOCK_BYTES = 1 << 20
+
+
+def row_blocks(rows: int, fft_size: Sequence[int], element_bytes: int,
+               block_bytes: Optional[int] = None) -> list[slice]:
+    """``rows`` signals on the grid ``fft_size`` in as few blocks as keep each under
+    ``block_bytes`` (of real samples; :data:`BLOCK_BYTES` by default), the rows shared evenly between them: 128 rows of
+    36 KiB make two blocks of 64, not 113 and 15, whose temporaries would be twice as large
+    for the same number of calls."""
+    per_row = math.prod(fft_size) * element_bytes
+    count = max(1, math.ceil(rows * per_row / (BLOCK_BYTES if block_bytes is None else block_bytes)))
+    step = math.ceil(rows / count)
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
 def spatial_dims(rank: int) -> list[int]:

@@ -28,14 +28,10 @@ def _complex_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.complex128 if fourier.real_dtype_for(dtype) == torch.float64 else torch.complex64
 
 
-# Transforms run over blocks of (batch x channel) rows of fourier.BLOCK_BYTES, so that
-# their temporaries (the zero-padded input, the inverse transform's copy of its input, its
+# Transforms run over blocks of (batch x channel) rows (fourier.row_blocks), so that their
+# temporaries (the zero-padded input, the inverse transform's copy of its input, its
 # full-grid output) stay a few MiB instead of growing with the whole tensor: a lowered
 # conv's peak memory is then its two spectra and its output.
-def _row_blocks(rows: int, fft_size: list[int], element_bytes: int) -> list[slice]:
-    step = max(1, fourier.BLOCK_BYTES // (math.prod(fft_size) * element_bytes))
-    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
-
 
 # --- to_spectrum -------------------------------------------------------------------------
 
@@ -51,7 +47,7 @@ def to_spectrum(x: torch.Tensor, in_size: list[int], fft_size: list[int]) -> tor
     real = fourier.real_dtype_for(x.dtype)
     rank = len(fft_size)
     rows = x.reshape(-1, *in_size)
-    blocks = _row_blocks(rows.shape[0], fft_size, real.itemsize)
+    blocks = fourier.row_blocks(rows.shape[0], fft_size, real.itemsize)
     if len(blocks) == 1:
         return fourier.rfftn(x.to(real), fft_size)
     out = torch.empty((rows.shape[0], *fourier.rfft_bins(fft_size)), dtype=_complex_dtype(real), device=x.device)
@@ -91,7 +87,7 @@ def to_spectrum_adjoint(grad: torch.Tensor, in_size: list[int], fft_size: list[i
     rows = grad.reshape(-1, *grad.shape[-rank:])
     out = torch.empty((rows.shape[0], *in_size), dtype=out_dtype, device=grad.device)
     ones = [1] * rank
-    for block in _row_blocks(rows.shape[0], fft_size, real.itemsize):
+    for block in fourier.row_blocks(rows.shape[0], fft_size, real.itemsize, fourier.INVERSE_BLOCK_BYTES):
         out[block] = _crop(fourier.irfftn(rows[block] * scale, fft_size), in_size, ones, fft_size)
     return out.reshape(*grad.shape[: grad.dim() - rank], *in_size)
 
@@ -354,7 +350,7 @@ def from_spectrum(y_hat: torch.Tensor, fft_size: list[int], out_size: list[int],
     rank = len(fft_size)
     real = fourier.real_dtype_for(y_hat.dtype)
     rows = y_hat.reshape(-1, *y_hat.shape[-rank:])
-    blocks = _row_blocks(rows.shape[0], fft_size, real.itemsize)
+    blocks = fourier.row_blocks(rows.shape[0], fft_size, real.itemsize, fourier.INVERSE_BLOCK_BYTES)
     if len(blocks) == 1:
         y = _inverse(y_hat, fft_size, out_size, stride)
         if bias is not None:
