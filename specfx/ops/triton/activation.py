@@ -36,6 +36,7 @@ from .dft import dft_matrices, edge
 # Largest FFT size per axis the fused kernels take: a 64 x 33-bin image and its DFT
 # matrices are the most a program's registers hold.
 MAX_FUSED_SIZE = 64
+# Rows per program of the 1D kernel: the M edge of its dots.
 _ROWS_PER_PROGRAM = 32
 
 # Pointwise map codes (constexpr in the kernels).

@@ -14,7 +14,7 @@ importing specfx should not fix that choice for a process that sets it later.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Optional
+from typing import Callable, ContextManager, Iterator, Optional
 
 import torch
 
@@ -40,6 +40,11 @@ def triton_kernels(enabled: bool) -> Iterator[None]:
         _enabled = previous
 
 
+def _on_device(t: torch.Tensor) -> ContextManager:
+    """Make ``t``'s GPU the current one: Triton launches on the current device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _default(op) -> Callable:
     """The op's own implementation: what the dispatcher runs on devices with no kernel of
     their own (``CustomOpDef`` keeps it as ``_init_fn``)."""
@@ -59,7 +64,8 @@ def spectral_mix_cuda(x_hat: torch.Tensor, weight: torch.Tensor, fft_size: list[
     # share one weight spectrum; the kernel reads any layout through its strides.
     path = contraction.choose_path(weight.shape[1], batch)
     laid = SPECTRUM_CACHE.get(weight, fft_size, dilation, shift, groups, path)
-    return mix.spectral_mix(x_hat, contraction.group_view(laid, groups, path), groups, rank)
+    with _on_device(x_hat):
+        return mix.spectral_mix(x_hat, contraction.group_view(laid, groups, path), groups, rank)
 
 
 def spectral_activation_cuda(x_hat: torch.Tensor, fft_size: list[int], size: list[int],
@@ -69,7 +75,8 @@ def spectral_activation_cuda(x_hat: torch.Tensor, fft_size: list[int], size: lis
     from . import activation as fused
 
     if _enabled and fused.supports(x_hat, fft_size):
-        return fused.spectral_activation(x_hat, fft_size, size, scale, shift, activation, negative_slope)
+        with _on_device(x_hat):
+            return fused.spectral_activation(x_hat, fft_size, size, scale, shift, activation, negative_slope)
     return _default(activation_ops.spectral_activation)(x_hat, fft_size, size, scale, shift, activation,
                                                         negative_slope)
 
@@ -81,7 +88,8 @@ def poly_activation_cuda(x_hat: torch.Tensor, coeffs: torch.Tensor, fft_size: li
     from . import activation as fused
 
     if _enabled and fused.supports(x_hat, fft_size):
-        return fused.poly_activation(x_hat, coeffs, fft_size, size, scale, shift, mask_input)
+        with _on_device(x_hat):
+            return fused.poly_activation(x_hat, coeffs, fft_size, size, scale, shift, mask_input)
     return _default(activation_ops.poly_activation)(x_hat, coeffs, fft_size, size, scale, shift, mask_input)
 
 
