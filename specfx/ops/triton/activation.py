@@ -2,8 +2,10 @@
 
 One kernel does inverse transform → per-channel affine → pointwise map → forward
 transform on a tile held in registers: the spatial intermediate never reaches global
-memory. Both transforms are products with the DFT matrices of :mod:`.dft` (``tl.dot``,
-IEEE fp32), so the result is the op's to fp32 rounding:
+memory. Both transforms are products with the DFT matrices of :mod:`.dft` (``tl.dot``
+in ``tf32x3``: each fp32 product as three TF32 tensor-core products, accurate to about
+2^-21 where IEEE fp32 FMAs would keep whole 64 x 64 operand tiles in registers and spill),
+so the result is the op's to fp32 tolerance:
 
 - :func:`spectral_activation` (``activation_ops.spectral_activation``): evaluated on
   ``[0, L)`` only (the crop), ``act(scale·x + shift)``, and the forward transform of the
@@ -15,7 +17,7 @@ IEEE fp32), so the result is the op's to fp32 rounding:
 
 A 1D kernel transforms a block of rows with one dot per step; a 2D kernel transforms
 one image per program, axis by axis (the leading axis' complex DFT, then the last axis'
-real one, and back in reverse order).
+real one, and back in reverse order), a block of spatial rows at a time.
 """
 
 from __future__ import annotations
@@ -29,15 +31,16 @@ import triton.language as tl
 
 from .. import fourier
 from ..activation_ops import ACTIVATIONS
-from .dft import dft_matrices, edge
+from .dft import MIN_EDGE, dft_matrices, edge
 
 # Builtins only in the kernels, as in .mix (tl.zeros and the like may not be interpreted).
 
 # Largest FFT size per axis the fused kernels take: a 64 x 33-bin image and its DFT
 # matrices are the most a program's registers hold.
 MAX_FUSED_SIZE = 64
-# Rows per program of the 1D kernel: the M edge of its dots.
-_ROWS_PER_PROGRAM = 32
+# Rows per program of the 1D kernel: the M edge of its dots (the smallest, which keeps a
+# 64-point transform's tiles in registers).
+_ROWS_PER_PROGRAM = 16
 
 # Pointwise map codes (constexpr in the kernels).
 _CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
@@ -52,7 +55,7 @@ POLY = tl.constexpr(len(ACTIVATIONS))
 
 @triton.jit
 def _mm(a, b):
-    return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b, input_precision="tf32x3")
 
 
 @triton.jit
@@ -114,43 +117,50 @@ def _fused_1d_kernel(x_ptr, y_ptr, inv_cos_ptr, inv_sin_ptr, fwd_cos_ptr, fwd_si
 
 @triton.jit
 def _fused_2d_kernel(x_ptr, y_ptr, inv_cos_ptr, inv_sin_ptr, fwd_cos_ptr, fwd_sin_ptr, lead_cos_ptr, lead_sin_ptr,
-                     scale_ptr, shift_ptr, coef_ptr, slope, C, P0, K1, L0, L1,
-                     P0P: tl.constexpr, K1P: tl.constexpr, E0P: tl.constexpr, E1P: tl.constexpr,
+                     scale_ptr, shift_ptr, coef_ptr, slope, C, P0, K1, L0, L1, E0,
+                     P0P: tl.constexpr, K1P: tl.constexpr, E1P: tl.constexpr, BLOCK_T: tl.constexpr,
                      ACT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, DEGREE: tl.constexpr):
-    """One ``(P0, K1)`` one-sided spectrum (interleaved real pairs) per program."""
+    """One ``(P0, K1)`` one-sided spectrum (interleaved real pairs) per program, its
+    spatial rows evaluated ``BLOCK_T`` at a time: each block's share of the forward
+    transform is added to the output, so only a block of the image is ever live."""
     row = tl.program_id(0)
     base = row.to(tl.int64) * P0 * K1 * 2
     k0 = tl.arange(0, P0P)[:, None]
     k0r = tl.arange(0, P0P)[None, :]
     k1 = tl.arange(0, K1P)[None, :]
     k1c = tl.arange(0, K1P)[:, None]
-    t0 = tl.arange(0, E0P)[:, None]
-    t0r = tl.arange(0, E0P)[None, :]
     t1 = tl.arange(0, E1P)[None, :]
     t1c = tl.arange(0, E1P)[:, None]
+    tb = tl.arange(0, BLOCK_T)[:, None]
+    tbr = tl.arange(0, BLOCK_T)[None, :]
     bins = (k0 < P0) & (k1 < K1)
     offs = base + (k0 * K1 + k1) * 2
-    xr = tl.load(x_ptr + offs, mask=bins, other=0.0)
-    xi = tl.load(x_ptr + offs + 1, mask=bins, other=0.0)
-
-    # Inverse: the leading axis' complex DFT (cos + i·sin) of each bin column ...
-    lc = tl.load(lead_cos_ptr + t0 * P0P + k0r)  # (E0, P0)
-    ls = tl.load(lead_sin_ptr + t0 * P0P + k0r)
-    zr = _mm(lc, xr) - _mm(ls, xi)
-    zi = _mm(ls, xr) + _mm(lc, xi)
-    # ... then the last axis' real inverse of each row.
-    x = _mm(zr, tl.load(inv_cos_ptr + k1c * E1P + t1)) + _mm(zi, tl.load(inv_sin_ptr + k1c * E1P + t1))
-
-    a = _pointwise(x, (t0 < L0) & (t1 < L1), row % C, scale_ptr, shift_ptr, coef_ptr, slope,
-                   ACT, HAS_SCALE, HAS_SHIFT, DEGREE)
-
-    # Forward: the last axis' real DFT of each row, then the leading axis' (cos − i·sin).
-    br = _mm(a, tl.load(fwd_cos_ptr + t1c * K1P + k1))
-    bi = _mm(a, tl.load(fwd_sin_ptr + t1c * K1P + k1))
-    lct = tl.load(lead_cos_ptr + t0r * P0P + k0)  # (P0, E0), transposed
-    lst = tl.load(lead_sin_ptr + t0r * P0P + k0)
-    tl.store(y_ptr + offs, _mm(lct, br) + _mm(lst, bi), mask=bins)
-    tl.store(y_ptr + offs + 1, _mm(lct, bi) - _mm(lst, br), mask=bins)
+    out_re = tl.full((P0P, K1P), 0.0, tl.float32)
+    out_im = tl.full((P0P, K1P), 0.0, tl.float32)
+    for t0 in range(0, E0, BLOCK_T):
+        # The spectrum is read again for every block (from cache): keeping it live across
+        # the loop would double the registers the block needs.
+        xr = tl.load(x_ptr + offs, mask=bins, other=0.0)
+        xi = tl.load(x_ptr + offs + 1, mask=bins, other=0.0)
+        # Inverse: the leading axis' complex DFT (cos + i·sin) at this block's rows ...
+        lc = tl.load(lead_cos_ptr + (t0 + tb) * P0P + k0r)  # (BLOCK_T, P0)
+        ls = tl.load(lead_sin_ptr + (t0 + tb) * P0P + k0r)
+        zr = _mm(lc, xr) - _mm(ls, xi)
+        zi = _mm(ls, xr) + _mm(lc, xi)
+        # ... then the last axis' real inverse of each row.
+        x = _mm(zr, tl.load(inv_cos_ptr + k1c * E1P + t1)) + _mm(zi, tl.load(inv_sin_ptr + k1c * E1P + t1))
+        a = _pointwise(x, (t0 + tb < L0) & (t1 < L1), row % C, scale_ptr, shift_ptr, coef_ptr, slope,
+                       ACT, HAS_SCALE, HAS_SHIFT, DEGREE)
+        # Forward: the last axis' real DFT of each row, then these rows' terms of the
+        # leading axis' (cos − i·sin).
+        br = _mm(a, tl.load(fwd_cos_ptr + t1c * K1P + k1))
+        bi = _mm(a, tl.load(fwd_sin_ptr + t1c * K1P + k1))
+        lct = tl.load(lead_cos_ptr + (t0 + tbr) * P0P + k0)  # (P0, BLOCK_T), transposed
+        lst = tl.load(lead_sin_ptr + (t0 + tbr) * P0P + k0)
+        out_re += _mm(lct, br) + _mm(lst, bi)
+        out_im += _mm(lct, bi) - _mm(lst, br)
+    tl.store(y_ptr + offs, out_re, mask=bins)
+    tl.store(y_ptr + offs + 1, out_im, mask=bins)
 
 
 def supports(x_hat: torch.Tensor, fft_size: list[int]) -> bool:
@@ -198,9 +208,10 @@ def _fused(x_hat: torch.Tensor, fft_size: list[int], size: list[int], eval_size:
             KP=edge(bins[0]), EP=edge(eval_size[0]), BLOCK_R=_ROWS_PER_PROGRAM, **params)
     else:
         _fused_2d_kernel[(rows,)](
-            xr, yr, *mats, *common, channels, fft_size[0], bins[1], size[0], size[1],
-            P0P=edge(fft_size[0]), K1P=edge(bins[1]), E0P=edge(eval_size[0]), E1P=edge(eval_size[1]),
-            num_warps=8 if max(fft_size) > 32 else 4, **params)
+            xr, yr, *mats, *common, channels, fft_size[0], bins[1], size[0], size[1], eval_size[0],
+            P0P=edge(fft_size[0]), K1P=edge(bins[1]), E1P=edge(eval_size[1]), BLOCK_T=MIN_EDGE,
+            # past 16 per axis, 4 warps' registers cannot hold the tiles (ptxas spills, sm_90)
+            num_warps=4 if max(fft_size) <= MIN_EDGE else 8, **params)
     return y
 
 

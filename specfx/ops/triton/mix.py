@@ -33,14 +33,16 @@ from .. import contraction
 # triton is imported, which may come before TRITON_INTERPRET=1 is set for these kernels.
 
 PRECISIONS = ("fp32", "tf32", "bf16")
+# tl.dot's input_precision per mode (bf16 operands take the default tensor-core product).
+_DOT_PRECISION = {"fp32": "ieee", "tf32": "tf32", "bf16": None}
 KERNELS = ("gemm", "elementwise")
 
 # The GEMM path needs full dot tiles (every tile dimension at least 16) to pay.
 _MIN_DOT = 16
-# Output elements per program of the elementwise kernel, and outputs (frequencies x M x N)
-# per program of the GEMM kernel: its two fp32 accumulators and the four operand tiles of
-# one K step (K = 16) then take at most ~100 registers per thread at 4 warps.
-_ELEMENTWISE_BLOCK = 1024
+# Output elements per program of the elementwise kernel (few registers per thread, so
+# many programs in flight to stream memory), and outputs (frequencies x M x N) per program
+# of the GEMM kernel (its fp32 FMA dots nearly fill the registers at 4 warps per 2048).
+_ELEMENTWISE_BLOCK = 256
 _GEMM_TILE = 2048
 
 
@@ -48,8 +50,10 @@ _GEMM_TILE = 2048
 def _mix_gemm_kernel(x_ptr, w_ptr, y_ptr, N, G, C, O, F,
                      sw_g, sw_o, sw_c, sw_f,
                      BLOCK_F: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, TF32: tl.constexpr, BF16: tl.constexpr):
-    """Pointers are to the real views; ``sw_*`` are the weight's strides in floats."""
+                     BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, BF16: tl.constexpr):
+    """Pointers are to the real views; ``sw_*`` are the weight's strides in floats.
+    ``DOT_PRECISION`` is ``tl.dot``'s ``input_precision`` for fp32 operands; ``BF16``
+    rounds the operands to bf16 first."""
     pid_f = tl.program_id(0)
     pid_mn = tl.program_id(1)
     g = tl.program_id(2).to(tl.int64)
@@ -65,68 +69,57 @@ def _mix_gemm_kernel(x_ptr, w_ptr, y_ptr, N, G, C, O, F,
     n3 = n[None, :, None].to(tl.int64)
     o3 = o[None, None, :]
     in_f = f3 < F
+    # complex values move as (real, imaginary) pairs along a trailing axis of 2
+    part = tl.arange(0, 2)[None, None, None, :]
 
     acc_re = tl.full((BLOCK_F, BLOCK_M, BLOCK_N), 0.0, tl.float32)
     acc_im = tl.full((BLOCK_F, BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, C, BLOCK_K):
         c_x = (k0 + ks)[None, None, :]
-        x_off = (((n3 * G + g) * C + c_x) * F + f3) * 2
-        x_mask = in_f & (n3 < N) & (c_x < C)
-        xr = tl.load(x_ptr + x_off, mask=x_mask, other=0.0)
-        xi = tl.load(x_ptr + x_off + 1, mask=x_mask, other=0.0)
+        x_off = ((((n3 * G + g) * C + c_x) * F + f3) * 2)[:, :, :, None] + part
+        x_mask = (in_f & (n3 < N) & (c_x < C))[:, :, :, None]
+        xr, xi = tl.split(tl.load(x_ptr + x_off, mask=x_mask, other=0.0))
         c_w = (k0 + ks)[None, :, None]
-        w_off = g * sw_g + o3 * sw_o + c_w * sw_c + f3 * sw_f
-        w_mask = in_f & (c_w < C) & (o3 < O)
-        wr = tl.load(w_ptr + w_off, mask=w_mask, other=0.0)
-        wi = tl.load(w_ptr + w_off + 1, mask=w_mask, other=0.0)
+        w_off = (g * sw_g + o3 * sw_o + c_w * sw_c + f3 * sw_f)[:, :, :, None] + part
+        w_mask = (in_f & (c_w < C) & (o3 < O))[:, :, :, None]
+        wr, wi = tl.split(tl.load(w_ptr + w_off, mask=w_mask, other=0.0))
         if BF16:
             xr, xi, wr, wi = xr.to(tl.bfloat16), xi.to(tl.bfloat16), wr.to(tl.bfloat16), wi.to(tl.bfloat16)
-            acc_re = tl.dot(xr, wr, acc_re)
-            acc_re = tl.dot(-xi, wi, acc_re)
-            acc_im = tl.dot(xr, wi, acc_im)
-            acc_im = tl.dot(xi, wr, acc_im)
-        elif TF32:
-            acc_re = tl.dot(xr, wr, acc_re, input_precision="tf32")
-            acc_re = tl.dot(-xi, wi, acc_re, input_precision="tf32")
-            acc_im = tl.dot(xr, wi, acc_im, input_precision="tf32")
-            acc_im = tl.dot(xi, wr, acc_im, input_precision="tf32")
-        else:
-            acc_re = tl.dot(xr, wr, acc_re, input_precision="ieee")
-            acc_re = tl.dot(-xi, wi, acc_re, input_precision="ieee")
-            acc_im = tl.dot(xr, wi, acc_im, input_precision="ieee")
-            acc_im = tl.dot(xi, wr, acc_im, input_precision="ieee")
+        acc_re = tl.dot(xr, wr, acc_re, input_precision=DOT_PRECISION)
+        acc_re = tl.dot(-xi, wi, acc_re, input_precision=DOT_PRECISION)
+        acc_im = tl.dot(xr, wi, acc_im, input_precision=DOT_PRECISION)
+        acc_im = tl.dot(xi, wr, acc_im, input_precision=DOT_PRECISION)
 
-    y_off = (((n3 * G + g) * O + o3) * F + f3) * 2
-    y_mask = in_f & (n3 < N) & (o3 < O)
-    tl.store(y_ptr + y_off, acc_re, mask=y_mask)
-    tl.store(y_ptr + y_off + 1, acc_im, mask=y_mask)
+    y_off = ((((n3 * G + g) * O + o3) * F + f3) * 2)[:, :, :, None] + part
+    y_mask = (in_f & (n3 < N) & (o3 < O))[:, :, :, None]
+    tl.store(y_ptr + y_off, tl.join(acc_re, acc_im), mask=y_mask)
 
 
 @triton.jit
 def _mix_elementwise_kernel(x_ptr, w_ptr, y_ptr, total, G, C, O, F,
                             sw_g, sw_o, sw_c, sw_f, BLOCK: tl.constexpr):
-    """One output ``(n, g, o, f)`` per element, in the order of the contiguous output."""
+    """One output ``(n, g, o, f)`` per element, in the order of the contiguous output.
+    Each complex value moves as one (real, imaginary) pair: one 8-byte access per element
+    instead of two strided 4-byte ones."""
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    valid = idx < total
+    valid = (idx < total)[:, None]
     f = idx % F
     rest = idx // F
     o = rest % O
     rest = rest // O
     g = rest % G
     n = rest // G
-    x_off = ((n * G + g) * C * F + f) * 2
-    w_off = g * sw_g + o * sw_o + f * sw_f
+    part = tl.arange(0, 2)[None, :]
+    x_off = (((n * G + g) * C * F + f) * 2)[:, None] + part
+    w_off = (g * sw_g + o * sw_o + f * sw_f)[:, None] + part
     acc_re = tl.full((BLOCK,), 0.0, tl.float32)
     acc_im = tl.full((BLOCK,), 0.0, tl.float32)
     for c in range(C):
-        xr = tl.load(x_ptr + x_off + c * F * 2, mask=valid, other=0.0)
-        xi = tl.load(x_ptr + x_off + c * F * 2 + 1, mask=valid, other=0.0)
-        wr = tl.load(w_ptr + w_off + c * sw_c, mask=valid, other=0.0)
-        wi = tl.load(w_ptr + w_off + c * sw_c + 1, mask=valid, other=0.0)
+        xr, xi = tl.split(tl.load(x_ptr + x_off + c * F * 2, mask=valid, other=0.0))
+        wr, wi = tl.split(tl.load(w_ptr + w_off + c * sw_c, mask=valid, other=0.0))
         acc_re += xr * wr - xi * wi
         acc_im += xr * wi + xi * wr
-    tl.store(y_ptr + idx * 2, acc_re, mask=valid)
-    tl.store(y_ptr + idx * 2 + 1, acc_im, mask=valid)
+    tl.store(y_ptr + idx[:, None] * 2 + part, tl.join(acc_re, acc_im), mask=valid)
 
 
 def _tile(n: int, cap: int) -> int:
@@ -188,7 +181,8 @@ def spectral_mix(x_hat: torch.Tensor, w: torch.Tensor, groups: int, spectral_ran
     if n * freqs:
         _mix_gemm_kernel[grid](xr, wr, yr, n, groups, c, o, freqs, *sw,
                                BLOCK_F=block_f, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_MIN_DOT,
-                               TF32=precision == "tf32", BF16=precision == "bf16")
+                               DOT_PRECISION=_DOT_PRECISION[precision], BF16=precision == "bf16",
+                               num_warps=4 * max(1, block_f * block_m * block_n // _GEMM_TILE))
     return y
 
 
