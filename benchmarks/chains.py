@@ -218,7 +218,7 @@ def main(argv=None) -> int:
         row = run_case(case, args.rounds, args.poly_limit_ms)
         rows.append(row)
         print(f"{row.label}: " + ", ".join(f"{k} {_fmt(v)} ms" for k, v in row.ms.items() if v is not None)
-              + f" | errors " + ", ".join(f"{k} {v:.1e}" for k, v in row.errors.items())
+              + " | errors " + ", ".join(f"{k} {v:.1e}" for k, v in row.errors.items())
               + f" | transforms {row.transforms} | {'; '.join(row.notes)}", flush=True)
     table = markdown(rows)
     print()

@@ -43,11 +43,11 @@ from typing import Callable, Optional, Union
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH_DIR)
 
+from chains import ConvReluStack  # noqa: E402
 from run import print_table  # noqa: E402
 
 from specfx.verify import scaled_error  # noqa: E402
@@ -70,22 +70,6 @@ class CausalConv1d(nn.Module):
         return self.conv(x)[..., :-self.chomp]
 
 
-class ConvReluStack(nn.Module):
-    """conv → ReLU → conv → ... (2D, 'same' zero padding)."""
-
-    def __init__(self, channels: int, k: int, groups: int, layers: int):
-        super().__init__()
-        self.convs = nn.ModuleList(nn.Conv2d(channels, channels, k, padding=k // 2, groups=groups)
-                                   for _ in range(layers))
-
-    def forward(self, x):
-        for i, conv in enumerate(self.convs):
-            x = conv(x)
-            if i < len(self.convs) - 1:
-                x = F.relu(x)
-        return x
-
-
 @dataclasses.dataclass(frozen=True)
 class GpuCase:
     """One model: a single conv (``layers == 1``), a causal 1D long conv, or a conv → ReLU
@@ -106,7 +90,7 @@ class GpuCase:
         if self.causal:
             module: nn.Module = CausalConv1d(channels, k)
         elif self.layers > 1:
-            module = ConvReluStack(channels, k, self.groups, self.layers)
+            module = ConvReluStack(channels, k, self.groups == channels, "zeros", self.layers)
         else:
             conv = nn.Conv1d if len(self.shape) == 3 else nn.Conv2d
             module = conv(channels, channels, k, padding=self.padding, groups=self.groups)

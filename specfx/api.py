@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.utils._pytree as pytree
 
 from .capture import capture, check_frontend, run_module
 from .chains import approximate, output_error
-from .cost_model import CostProfile
+from .cost_model import CostProfile, profile_for_device
 from .errors import ExampleInputError
 from .pipeline import PassContext, Settings, run_pipeline
 from .report import Report
@@ -49,6 +51,15 @@ def _prepare(model: nn.Module, example_inputs: ExampleInputs, frontend: str) -> 
             f"{type(model).__name__} raised on the example inputs ({_describe_inputs(inputs)}): "
             f"{type(err).__name__}: {err}") from err
     return work, inputs
+
+
+def input_device(inputs: Sequence[Any]) -> torch.device:
+    """The device of the first tensor among ``inputs`` (nested in lists, tuples and
+    dicts), the CPU when there is none: where the cost model's rates must come from."""
+    for leaf in pytree.tree_leaves(list(inputs)):
+        if isinstance(leaf, torch.Tensor):
+            return leaf.device
+    return torch.device("cpu")
 
 
 def _snapshot(gm: fx.GraphModule) -> fx.GraphModule:
@@ -98,6 +109,8 @@ def optimize(model: nn.Module, example_inputs: ExampleInputs, *, policy: str = "
     settings = Settings(policy, profile, spectral_activation, chains, poly_degree)  # checks them
     check_tolerance(verify_tol)
     work, inputs = _prepare(model, example_inputs, frontend)
+    if profile is None:
+        settings = dataclasses.replace(settings, profile=profile_for_device(input_device(inputs)))
     notes: list[str] = []
     gm, frontend_used = capture(work, inputs, frontend, notes)
     reference = _snapshot(gm)
@@ -119,6 +132,8 @@ def explain(model: nn.Module, example_inputs: ExampleInputs, *, policy: str = "a
 
     settings = Settings(policy, profile, spectral_activation, chains, poly_degree)  # checks them
     work, inputs = _prepare(model, example_inputs, frontend)
+    if profile is None:
+        settings = dataclasses.replace(settings, profile=profile_for_device(input_device(inputs)))
     notes: list[str] = []
     gm, frontend_used = capture(work, inputs, frontend, notes)
     report = Report(frontend=frontend_used, policy=policy, applied=False, capture_notes=notes)

@@ -42,6 +42,8 @@ import torch
 import torch.fx as fx
 from torch._guards import CompileContext
 
+from .api import input_device
+from .cost_model import profile_for_device
 from .pipeline import PassContext, Settings, run_pipeline
 from .report import Report
 
@@ -93,6 +95,8 @@ def specfx_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
     from specfx.passes import PIPELINE
 
     settings = settings_from_options(options)
+    if "profile" not in (options or {}):
+        settings = dataclasses.replace(settings, profile=profile_for_device(input_device(example_inputs)))
     compile_id = CompileContext.current_compile_id()
     name = f"graph {compile_id}" if compile_id is not None else "graph"
     report = Report(frontend="dynamo", policy=settings.policy)

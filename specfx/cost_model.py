@@ -90,6 +90,7 @@ def profile_for_device(device: Union[str, torch.device]) -> CostProfile:
         return CUDA_PROFILE
     return CostProfile.load()
 
+
 # glibc maps allocations above its mmap threshold afresh on every call (page faults on
 # first touch) and the threshold never rises above 32 MiB; smaller temporaries are reused
 # from the heap once a model runs (see specfx.measure.settle_allocator).

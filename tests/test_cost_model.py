@@ -145,3 +145,19 @@ def test_policy_measure_follows_the_timings(monkeypatch):
     report = specfx.explain(model, (x,), policy="measure")
     assert report.lowered == ["large"]
     assert report.kept["small"] == "direct conv measured faster (1 ms vs 10 ms)"
+
+
+def test_default_profile_follows_the_inputs_device(monkeypatch):
+    """Without ``profile=``, the rates come from the example inputs' device (the GPU
+    defaults on CUDA, this machine's profile on the CPU)."""
+    from specfx import api
+
+    assert api.input_device([{"a": [3, torch.empty(1, device="meta")]}]) == torch.device("meta")
+    assert api.input_device([3, "no tensor"]) == torch.device("cpu")
+    asked = []
+    marker = CostProfile(dense_direct_gflops=1e-3)  # so slow that every conv is lowered
+    monkeypatch.setattr(api, "profile_for_device", lambda device: asked.append(device) or marker)
+    conv = nn.Conv2d(2, 2, 3, padding=1)
+    report = specfx.explain(conv, (torch.randn(1, 2, 8, 8),))
+    assert asked == [torch.device("cpu")] and len(report.lowered) == 1
+    assert specfx.explain(conv, (torch.randn(1, 2, 8, 8),), profile=CostProfile()).lowered == []

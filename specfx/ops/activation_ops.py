@@ -398,7 +398,6 @@ def circular_convolve(a_full: torch.Tensor, b_full: torch.Tensor, fft_size: list
 
 
 def _poly_forward(x_hat, coeffs, fft_size, size, scale, shift, mask_input):
-    rank = len(fft_size)
     n = math.prod(fft_size)
     real = fourier.real_dtype_for(x_hat.dtype)
     m_full = None

@@ -15,7 +15,6 @@ in fp32 and the result is cast back in ``from_spectrum``.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
