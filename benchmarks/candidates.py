@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -18,6 +19,9 @@ COMPILED_LOWERED_SUITES = ("replknet_dw31",)
 
 def _fft_conv_pytorch(case: Case, module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     from fft_conv_pytorch import fft_conv
+
+    # fft-conv-pytorch 1.2.0 indexes with a list, which torch warns about on every call.
+    warnings.filterwarnings("ignore", message="Using a non-tuple sequence", category=UserWarning)
 
     w, b = module.weight.detach(), module.bias.detach()
     return lambda: fft_conv(x, w, b, padding=case.padding, groups=case.groups)

@@ -64,7 +64,11 @@ def peak_extra_bytes(bench_dir: str, suite: str, label: str, candidate: str) -> 
     weights, cached weight spectra), measured in a fresh process: CPU tensors have no
     allocator statistics, but the kernel's peak resident size (VmHWM, reset through
     /proc/self/clear_refs) does."""
-    script = _PEAK_SCRIPT.format(bench_dir=bench_dir, suite=suite, label=label, candidate=candidate)
+    return run_peak_script(_PEAK_SCRIPT.format(bench_dir=bench_dir, suite=suite, label=label, candidate=candidate))
+
+
+def run_peak_script(script: str) -> int:
+    """Run a peak-measuring script in a fresh process; it prints ``{"extra_bytes": n}`` last."""
     # A fixed mmap threshold makes glibc map every large block afresh and unmap it when
     # freed, so the resident size follows live memory instead of a reused heap.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")

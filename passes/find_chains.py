@@ -178,7 +178,7 @@ def _members(gm: fx.GraphModule, rank: int) -> tuple[dict[str, Member], dict[str
             dtype = (tensor_info(site.input) or (None, None))[1]
             if g.pre_pad is not None:
                 excluded[plan.name] = f"{g.pre_pad[0]} padding is done spatially before the transform"
-            elif getattr(g, "block", None) or getattr(plan, "block", None):
+            elif g.overlap_save is not None:
                 excluded[plan.name] = "blocked (overlap-save) lowering"
             elif dtype not in ch.CHAIN_DTYPES or plan.out_dtype != dtype:
                 excluded[plan.name] = f"dtype {dtype}: chains run in fp32 or fp64"

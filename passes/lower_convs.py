@@ -1,4 +1,5 @@
-"""Rewrite each planned convolution into ``to_spectrum → spectral_mix → from_spectrum``.
+"""Rewrite each planned convolution into ``to_spectrum → spectral_mix → from_spectrum``
+(between ``split_blocks`` and ``join_blocks`` for overlap-save blocking).
 
 Module convs keep their parameters where they are (the new nodes read them with
 ``get_attr``), so the module's ``state_dict`` is unchanged; a parametrized weight (e.g.
@@ -17,6 +18,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from specfx import node_meta
 from specfx.canonical import ConvSite, conv_site
+from specfx.overlap_save import join_blocks, split_blocks
 from specfx.pipeline import PassContext
 
 from .plan_convs import ConvPlan
@@ -46,6 +48,11 @@ def _lower(gm: fx.GraphModule, site: ConvSite, plan: ConvPlan) -> None:
         if g.pre_pad is not None:
             mode, pads = g.pre_pad
             x = graph.call_function(F.pad, (x, list(pads)), {"mode": mode})
+        blocks = g.overlap_save
+        new_nodes = []
+        if blocks is not None:
+            x = graph.call_function(split_blocks, (x, blocks.left, blocks.right, blocks.window, blocks.block))
+            new_nodes.append(x)
         weight = _operand(graph, site.weight, site)
         bias = _operand(graph, site.bias, site)
         x_hat = graph.call_function(specfx_ops.to_spectrum.default, (x, list(g.in_size), list(g.fft_size)))
@@ -53,7 +60,11 @@ def _lower(gm: fx.GraphModule, site: ConvSite, plan: ConvPlan) -> None:
                                     (x_hat, weight, list(g.fft_size), list(g.dilation), list(g.shift), site.groups))
         y = graph.call_function(specfx_ops.from_spectrum.default,
                                 (y_hat, list(g.fft_size), list(g.out_size), list(g.stride), bias, plan.out_dtype))
-    for new in (x_hat, y_hat, y):
+        new_nodes += [x_hat, y_hat, y]
+        if blocks is not None:
+            y = graph.call_function(join_blocks, (y, blocks.count, blocks.out))
+            new_nodes.append(y)
+    for new in new_nodes:
         new.meta.update({k: v for k, v in site.node.meta.items() if k in ("nn_module_stack", "stack_trace")})
         new.meta[node_meta.LOWERED_FROM] = site.name
     y.meta[node_meta.REPLACES] = site.node.name

@@ -17,8 +17,9 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from specfx import node_meta
 from specfx.canonical import ConvSite, find_conv_sites, tensor_info, weight_value
-from specfx.cost_model import SMALL_DENSE_KERNEL, SMALL_DENSE_MARGIN, ConvCost, ConvShape, estimate
-from specfx.geometry import SpectralGeometry, plan_geometry, resolve_padding
+from specfx.cost_model import (SMALL_DENSE_KERNEL, SMALL_DENSE_MARGIN, ConvCost, ConvShape, estimate,
+                               estimate_overlap_save)
+from specfx.geometry import SpectralGeometry, overlap_save_geometry, plan_geometry, resolve_padding
 from specfx.measure import Progress, measure_conv
 from specfx.pipeline import PassContext
 from specfx.report import ConvDecision
@@ -58,6 +59,31 @@ def _measure(gm: fx.GraphModule, site: ConvSite, in_shape, dtype, w_shape, pads,
     direct_ms, fft_ms = measure_conv(tuple(in_shape), dtype, weight, bias, site.stride, pads,
                                      site.dilation, site.groups, site.padding_mode, geometry)
     return dataclasses.replace(cost, measured_direct_ms=direct_ms, measured_fft_ms=fft_ms)
+
+
+def _blocking_fft_sizes(span: int, full: int) -> list[int]:
+    """Overlap-save FFT sizes worth trying: ``m·2^j`` (m = 1, 3, 5) from twice the kernel
+    span up to the unblocked grid (a window under twice the span computes more overlap than
+    output)."""
+    sizes = {m << j for m in (1, 3, 5) for j in range(1, 31) if 2 * span <= m << j < full}
+    return sorted(sizes)
+
+
+def _cheapest_blocking(shape: ConvShape, length: int, padding: tuple[int, int], dilation: int,
+                       geometry: SpectralGeometry, cost: ConvCost, profile) -> tuple[SpectralGeometry, ConvCost]:
+    """The unblocked plan, or overlap-save blocks where the cost model estimates them
+    cheaper (long 1D convs with wide kernels: the weight spectrum shrinks with the FFT
+    size, and the blocks fill the per-frequency products' M dimension)."""
+    span = dilation * (shape.kernel_size[0] - 1) + 1
+    best = (geometry, cost)
+    for fft_size in _blocking_fft_sizes(span, geometry.fft_size[0]):
+        blocked = overlap_save_geometry(length, shape.kernel_size[0], padding, dilation, fft_size)
+        if blocked is None:
+            continue
+        blocked_cost = estimate_overlap_save(shape, blocked, profile)
+        if blocked_cost.fft_ms < best[1].fft_ms:
+            best = (blocked, blocked_cost)
+    return best
 
 
 def _plan(gm: fx.GraphModule, site: ConvSite, ctx: PassContext) -> tuple[ConvDecision, ConvPlan]:
@@ -100,6 +126,9 @@ def _plan(gm: fx.GraphModule, site: ConvSite, ctx: PassContext) -> tuple[ConvDec
                       groups=site.groups, kernel_size=tuple(kernel), out_size=geometry.out_size,
                       element_bytes=dtype.itemsize, channels_last=channels_last)
     cost = estimate(shape, geometry, ctx.settings.profile)
+    if site.rank == 1 and len(in_shape) == 3 and site.padding_mode == "zeros" and site.stride == [1]:
+        geometry, cost = _cheapest_blocking(shape, in_shape[-1], pads[0], site.dilation[0], geometry, cost,
+                                            ctx.settings.profile)
     policy = ctx.settings.policy
     if policy == "never":
         return keep("policy='never'", cost)

@@ -138,6 +138,7 @@ class ConvCost:
     fft_size: tuple[int, ...]
     measured_direct_ms: Optional[float] = None
     measured_fft_ms: Optional[float] = None
+    block: Optional[int] = None
 
     @property
     def speedup(self) -> float:
@@ -146,6 +147,8 @@ class ConvCost:
     def summary(self) -> str:
         text = (f"direct {self.direct_gflop:.3g} GFLOP ~{self.direct_ms:.3g} ms, "
                 f"fft {self.fft_gflop:.3g} GFLOP ~{self.fft_ms:.3g} ms at {'x'.join(map(str, self.fft_size))}")
+        if self.block is not None:
+            text += f" in overlap-save blocks of {self.block}"
         if self.measured_direct_ms is not None:
             text += f"; measured direct {self.measured_direct_ms:.3g} ms, fft {self.measured_fft_ms:.3g} ms"
         return text
@@ -237,6 +240,21 @@ def estimate(shape: ConvShape, geometry: SpectralGeometry, profile: CostProfile 
 #
 # A chain's cost is the sum over its ops in the domain each runs in, plus one transform
 # per tensor crossing domains; the min-cut in find_chains minimizes exactly that sum.
+
+def estimate_overlap_save(shape: ConvShape, geometry: SpectralGeometry,
+                          profile: CostProfile = DEFAULT_PROFILE) -> ConvCost:
+    """:func:`estimate` for a conv in overlap-save blocks (``geometry.overlap_save``): the
+    FFT path of ``count`` times the batch on one block each, plus the copies that cut the
+    input into windows and lay the blocks' outputs end to end."""
+    blocks = geometry.overlap_save
+    per_block = dataclasses.replace(shape, batch=shape.batch * blocks.count, out_size=(blocks.block,))
+    cost = estimate(per_block, geometry, profile)
+    eb = max(shape.element_bytes, 4)
+    copy_bytes = 2 * shape.batch * blocks.count * (shape.in_channels * blocks.window + shape.out_channels * blocks.block)
+    fft_ms = cost.fft_ms + copy_bytes * eb / profile.memory_gbps / 1e6 + 2 * profile.per_op_overhead_ms
+    return dataclasses.replace(estimate(shape, geometry, profile), fft_gflop=cost.fft_gflop, fft_ms=fft_ms,
+                               block=blocks.block)
+
 
 def _grid_bins(grid: tuple[int, ...]) -> int:
     return math.prod(grid[:-1]) * (grid[-1] // 2 + 1)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .overlap_save import join_blocks, split_blocks
 from .geometry import PaddingArg, SpectralGeometry, expand, plan_geometry, resolve_padding
 
 
@@ -40,7 +41,10 @@ def apply_geometry(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     if geometry.pre_pad is not None:
         mode, pads = geometry.pre_pad
         x = F.pad(x, list(pads), mode=mode)
-    g = geometry
+    g, blocks = geometry, geometry.overlap_save
+    if blocks is not None:
+        x = split_blocks(x, blocks.left, blocks.right, blocks.window, blocks.block)
     x_hat = ops.to_spectrum(x, list(g.in_size), list(g.fft_size))
     y_hat = ops.spectral_mix(x_hat, weight, list(g.fft_size), list(g.dilation), list(g.shift), groups)
-    return ops.from_spectrum(y_hat, list(g.fft_size), list(g.out_size), list(g.stride), bias, x.dtype)
+    y = ops.from_spectrum(y_hat, list(g.fft_size), list(g.out_size), list(g.stride), bias, x.dtype)
+    return y if blocks is None else join_blocks(y, blocks.count, blocks.out)

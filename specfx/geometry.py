@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 PaddingArg = Union[str, int, Sequence[int]]
 
@@ -66,12 +66,28 @@ def expand(value: Union[int, Sequence[int]], rank: int) -> list[int]:
 
 
 @dataclasses.dataclass(frozen=True)
+class OverlapSave:
+    """A 1D conv run as ``count`` blocks of ``block`` outputs (:mod:`specfx.overlap_save`):
+    block ``j`` reads the ``window = block + span − 1`` samples from ``j·block`` of the
+    input zero-padded by ``left`` and ``right`` (``right`` covers the last block's
+    overhang); the first ``out`` outputs are kept."""
+
+    block: int
+    window: int
+    count: int
+    left: int
+    right: int
+    out: int
+
+
+@dataclasses.dataclass(frozen=True)
 class SpectralGeometry:
     """How one conv maps onto a real FFT grid, per spatial axis.
 
     ``pre_pad`` is the spatial padding still done by ``F.pad`` before the transform
     (reflect and replicate modes), as ``(mode, pads)`` in ``F.pad`` order, or ``None``.
-    ``in_size`` is the size the transform sees (after ``pre_pad``).
+    ``in_size`` is the size the transform sees (after ``pre_pad``). With ``overlap_save``
+    the other fields describe one block: a 'valid' conv of a window onto ``block`` outputs.
     """
 
     in_size: tuple[int, ...]
@@ -83,6 +99,7 @@ class SpectralGeometry:
     out_size: tuple[int, ...]
     circular: bool
     pre_pad: tuple[str, tuple[int, ...]] | None
+    overlap_save: Optional[OverlapSave] = None
 
     @property
     def rank(self) -> int:
@@ -131,3 +148,22 @@ def plan_geometry(in_size: Sequence[int], kernel_size: Sequence[int], stride: Se
         in_size=tuple(in_size), kernel_size=tuple(kernel_size), fft_size=tuple(fft_size),
         shift=tuple(left for left, _ in padding), dilation=tuple(dilation), stride=tuple(stride),
         out_size=tuple(out_size), circular=circular, pre_pad=pre_pad)
+
+
+def overlap_save_geometry(length: int, kernel_size: int, padding: tuple[int, int], dilation: int,
+                          fft_size: int) -> Optional[SpectralGeometry]:
+    """A stride-1, zero-padded 1D conv on ``length`` samples in overlap-save blocks whose
+    windows fill an FFT of ``fft_size`` (a smooth size), or ``None`` when that makes
+    fewer than two blocks."""
+    span = dilation * (kernel_size - 1) + 1
+    block = fft_size - span + 1
+    left, right = padding
+    out = length + left + right - span + 1
+    if block < 1 or out < 1 or math.ceil(out / block) < 2:
+        return None
+    count = math.ceil(out / block)
+    plan = OverlapSave(block=block, window=fft_size, count=count, left=left,
+                       right=count * block + span - 1 - length - left, out=out)
+    return SpectralGeometry(in_size=(fft_size,), kernel_size=(kernel_size,), fft_size=(fft_size,), shift=(0,),
+                            dilation=(dilation,), stride=(1,), out_size=(block,), circular=False, pre_pad=None,
+                            overlap_save=plan)

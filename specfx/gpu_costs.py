@@ -15,7 +15,9 @@ derated to what such kernels typically sustain. Measure on the target GPU
 - Launches cost microseconds, not the CPU's tens of them; the CUDA caching allocator
   reuses device memory, so fresh allocations cost no page faults.
 
-Pass it as ``specfx.optimize(..., profile=cost_model.profile_for_device(x.device))``.
+``specfx.optimize``, ``explain`` and the torch.compile backend use it when the example
+inputs are on a CUDA device and no ``profile=`` is given
+(:func:`specfx.cost_model.profile_for_device`).
 """
 
 from __future__ import annotations

@@ -102,6 +102,7 @@ def _gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     n, g, c, freqs = x.shape
     rows = x.permute(1, 3, 0, 2).contiguous().view(g * freqs, n, c)
     y = torch.bmm(rows, w).view(g, freqs, n, w.shape[-1])
+    del rows  # before the result's copy: three spectra at the peak, not four
     return y.permute(2, 0, 3, 1).contiguous()
 
 
