@@ -439,6 +439,19 @@ def _(x_hat, coeffs, fft_size, size, scale, shift, mask_input):
     return torch.empty_like(x_hat, memory_format=torch.contiguous_format)
 
 
+def _poly_argument(x_hat, fft_size, size, scale, shift, mask_input):
+    """The polynomial's argument in the spatial domain, ``u = scale·x' + shift·m``, with
+    the mask ``m`` and ``x'`` (``x``, masked when ``mask_input``) it was made from."""
+    rank = len(fft_size)
+    x = fourier.irfftn(x_hat, fft_size)
+    m = mask_grid(size, fft_size, x.dtype, x.device)
+    xp = x * m if mask_input else x
+    u = xp if scale is None else xp * _channel_view(scale.to(x.dtype), rank)
+    if shift is not None:
+        u = u + _channel_view(shift.to(x.dtype), rank) * m
+    return m, xp, u
+
+
 def _poly_setup(ctx, inputs, output):
     x_hat, coeffs, fft_size, size, scale, shift, mask_input = inputs
     ctx.save_for_backward(x_hat, coeffs, scale, shift)
@@ -449,13 +462,8 @@ def _poly_backward(ctx, grad):
     x_hat, coeffs, scale, shift = ctx.saved_tensors
     fft_size, size, mask_input = ctx.args
     rank = len(fft_size)
-    x = fourier.irfftn(x_hat, fft_size)
-    m = mask_grid(size, fft_size, x.dtype, x.device)
-    xp = x * m if mask_input else x
-    u = xp if scale is None else xp * _channel_view(scale.to(x.dtype), rank)
-    if shift is not None:
-        u = u + _channel_view(shift.to(x.dtype), rank) * m
-    c = coeffs.to(x.dtype)
+    m, xp, u = _poly_argument(x_hat, fft_size, size, scale, shift, mask_input)
+    c = coeffs.to(u.dtype)
     derivative = torch.zeros_like(u)
     power = torch.ones_like(u)
     for j in range(1, c.shape[1]):
@@ -484,13 +492,8 @@ def poly_reference(x_hat: torch.Tensor, coeffs: torch.Tensor, fft_size: list[int
     """What :func:`poly_activation` computes, through the spatial domain (for tests and
     for measuring a fitted polynomial's error)."""
     rank = len(fft_size)
-    x = fourier.irfftn(x_hat, fft_size)
-    m = mask_grid(size, fft_size, x.dtype, x.device)
-    xp = x * m if mask_input else x
-    u = xp if scale is None else xp * _channel_view(scale.to(x.dtype), rank)
-    if shift is not None:
-        u = u + _channel_view(shift.to(x.dtype), rank) * m
-    c = coeffs.to(x.dtype)
+    m, _, u = _poly_argument(x_hat, fft_size, size, scale, shift, mask_input)
+    c = coeffs.to(u.dtype)
     out = _channel_view(c[:, 0], rank) * m
     power = torch.ones_like(u)
     for j in range(1, c.shape[1]):
