@@ -62,6 +62,9 @@ def measure_profile() -> CostProfile:
     settle_allocator()
     with torch.no_grad():
         dense = _conv_gflops(torch.randn(8, 64, 32, 32), torch.randn(64, 64, 5, 5), 1)
+        # Few output channels leave the direct kernel's channel blocks part idle.
+        narrow = _conv_gflops(torch.randn(8, 8, 64, 64), torch.randn(8, 8, 5, 5), 1)
+        channel_block = max(8, round(8 * dense / narrow))
         dw_input = torch.randn(2, 64, 64, 64)
         dw_rates = {k: _conv_gflops(dw_input, torch.randn(64, 1, k, k), 64) for k in range(3, 18, 2)}
         fast_max_kernel, fast, slow = _depthwise_cliff(dw_rates)
@@ -90,7 +93,7 @@ def measure_profile() -> CostProfile:
         reused = torch.empty(mib << 20, dtype=torch.uint8)
         fresh_s = _median_s(lambda: torch.empty(mib << 20, dtype=torch.uint8).fill_(0))
         fresh_page = max(0.0, fresh_s - _median_s(lambda: reused.fill_(0))) * 1e3 / mib
-    return CostProfile(dense_direct_gflops=dense, depthwise_fast_gflops=fast,
+    return CostProfile(dense_direct_gflops=dense, direct_channel_block=channel_block, depthwise_fast_gflops=fast,
                        depthwise_fast_max_kernel=fast_max_kernel, depthwise_slow_gflops=slow,
                        depthwise_channels_last_gflops=depthwise_cl, fft_gflops=fft, inverse_fft_gflops=inverse_fft,
                        complex_gemm_gflops=gemm, memory_gbps=bandwidth, per_op_overhead_ms=overhead_ms,

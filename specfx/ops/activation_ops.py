@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fourier
+from .library import spectral_op
 
 ACTIVATIONS = ("relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "square", "identity")
 
@@ -167,7 +168,7 @@ def _check_activation(activation: str) -> None:
 
 # --- spectral_activation -----------------------------------------------------------------
 
-@torch.library.custom_op("specfx::spectral_activation", mutates_args=())
+@spectral_op("spectral_activation")
 def spectral_activation(x_hat: torch.Tensor, fft_size: list[int], size: list[int],
                         scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
                         activation: str, negative_slope: float) -> torch.Tensor:
@@ -229,7 +230,7 @@ spectral_activation.register_autograd(_spectral_activation_backward, setup_conte
 
 # --- spectral_affine ---------------------------------------------------------------------
 
-@torch.library.custom_op("specfx::spectral_affine", mutates_args=())
+@spectral_op("spectral_affine")
 def spectral_affine(x_hat: torch.Tensor, fft_size: list[int], size: list[int],
                     scale: Optional[torch.Tensor], shift: Optional[torch.Tensor]) -> torch.Tensor:
     """``scale·x_hat + shift·M``: a per-channel affine map of the signal's ``[0, L)``
@@ -273,7 +274,7 @@ spectral_affine.register_autograd(_spectral_affine_backward, setup_context=_spec
 
 # --- spectral_add ------------------------------------------------------------------------
 
-@torch.library.custom_op("specfx::spectral_add", mutates_args=())
+@spectral_op("spectral_add")
 def spectral_add(a_hat: torch.Tensor, b_hat: torch.Tensor) -> torch.Tensor:
     """``a_hat + b_hat``: two spectra on the same grid (a residual add)."""
     return a_hat + b_hat
@@ -423,7 +424,7 @@ def _poly_forward(x_hat, coeffs, fft_size, size, scale, shift, mask_input):
     return _one_sided(out, fft_size).to(x_hat.dtype)
 
 
-@torch.library.custom_op("specfx::poly_activation", mutates_args=())
+@spectral_op("poly_activation")
 def poly_activation(x_hat: torch.Tensor, coeffs: torch.Tensor, fft_size: list[int], size: list[int],
                     scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
                     mask_input: bool) -> torch.Tensor:

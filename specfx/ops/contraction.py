@@ -90,10 +90,11 @@ def _accumulate(x: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor] = 
     n, g, c, freqs = x.shape
     if c > 1 and n * g * w.shape[1] * c * freqs <= _BROADCAST_LIMIT:
         return torch.sum(x[:, :, None] * w[None], dim=3, out=out)
-    xs, ws = x.unbind(2), w.unbind(2)
-    y = torch.mul(xs[0].unsqueeze(2), ws[0].unsqueeze(0), out=out)
+    # (N, g, 1, F) against (g, O, F): the views broadcast as they are.
+    xs, ws = x.unsqueeze(2).unbind(3), w.unbind(2)
+    y = torch.mul(xs[0], ws[0], out=out)
     for x_c, w_c in zip(xs[1:], ws[1:]):
-        y.addcmul_(x_c.unsqueeze(2), w_c.unsqueeze(0))
+        y.addcmul_(x_c, w_c)
     return y
 
 

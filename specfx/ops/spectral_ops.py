@@ -1,4 +1,4 @@
-"""The spectral op vocabulary, as ``torch.library`` custom ops in the ``specfx`` namespace.
+"""The spectral op vocabulary, as operators in the ``specfx`` namespace (:mod:`.library`).
 
 A lowered convolution is three nodes:
 
@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from . import contraction, folding, fourier
+from .library import spectral_op
 from .weight_spectrum import SPECTRUM_CACHE, kernel_gradient
 
 
@@ -34,7 +35,7 @@ def _complex_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # --- to_spectrum -------------------------------------------------------------------------
 
-@torch.library.custom_op("specfx::to_spectrum", mutates_args=())
+@spectral_op("to_spectrum")
 def to_spectrum(x: torch.Tensor, in_size: list[int], fft_size: list[int]) -> torch.Tensor:
     """One-sided spectrum of ``x`` over its trailing ``len(fft_size)`` dims, zero-padded at
     the end to ``fft_size``. ``in_size`` is the spatial size the lowering was planned for."""
@@ -73,7 +74,7 @@ def _to_spectrum_backward(ctx, grad):
 to_spectrum.register_autograd(_to_spectrum_backward, setup_context=_to_spectrum_setup)
 
 
-@torch.library.custom_op("specfx::to_spectrum_adjoint", mutates_args=())
+@spectral_op("to_spectrum_adjoint")
 def to_spectrum_adjoint(grad: torch.Tensor, in_size: list[int], fft_size: list[int],
                         out_dtype: torch.dtype) -> torch.Tensor:
     """Adjoint of :func:`to_spectrum` (its backward): ``N·irfftn`` of ``grad`` with each
@@ -129,7 +130,7 @@ def _mix_path(weight: torch.Tensor, spectrum: torch.Tensor, spectral_rank: int) 
     return contraction.choose_path(weight.shape[1], _batch(spectrum, spectral_rank))
 
 
-@torch.library.custom_op("specfx::spectral_mix", mutates_args=())
+@spectral_op("spectral_mix")
 def spectral_mix(x_hat: torch.Tensor, weight: torch.Tensor, fft_size: list[int],
                  dilation: list[int], shift: list[int], groups: int) -> torch.Tensor:
     """Per-frequency channel contraction of ``x_hat`` with the spectrum of the spatial
@@ -186,7 +187,7 @@ spectral_mix.register_autograd(_spectral_mix_backward, setup_context=_spectral_m
 #   grad_input:  d/dG = mix(V, w),            d/dw = grad_weight(V, G)
 #   grad_weight: d/dX = grad_input(G, V),     d/dG = mix(X, V)
 
-@torch.library.custom_op("specfx::spectral_mix_grad_input", mutates_args=())
+@spectral_op("spectral_mix_grad_input")
 def spectral_mix_grad_input(grad: torch.Tensor, weight: torch.Tensor, fft_size: list[int],
                             dilation: list[int], shift: list[int], groups: int) -> torch.Tensor:
     """Gradient of :func:`spectral_mix` with respect to its input spectrum, given the
@@ -226,7 +227,7 @@ def _grad_input_backward(ctx, v):
 spectral_mix_grad_input.register_autograd(_grad_input_backward, setup_context=_grad_input_setup)
 
 
-@torch.library.custom_op("specfx::spectral_mix_grad_weight", mutates_args=())
+@spectral_op("spectral_mix_grad_weight")
 def spectral_mix_grad_weight(x_hat: torch.Tensor, grad: torch.Tensor, kernel_size: list[int],
                              fft_size: list[int], dilation: list[int], shift: list[int], groups: int,
                              weight_dtype: torch.dtype) -> torch.Tensor:
@@ -340,7 +341,7 @@ def _inverse_adjoint(grad: torch.Tensor, fft_size: list[int], out_size: list[int
     return _crop_adjoint(grad, out_size, stride, fft_size)
 
 
-@torch.library.custom_op("specfx::from_spectrum", mutates_args=())
+@spectral_op("from_spectrum")
 def from_spectrum(y_hat: torch.Tensor, fft_size: list[int], out_size: list[int],
                   stride: list[int], bias: Optional[torch.Tensor],
                   out_dtype: torch.dtype) -> torch.Tensor:

@@ -11,11 +11,12 @@ circular padding means.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils.weak import WeakIdKeyDictionary
 
 from . import contraction, fourier
 
@@ -133,11 +134,11 @@ class SpectrumCache:
 
     An entry is reused only while the weight tensor is the same object, at the same
     autograd version (every in-place update — an optimizer step, ``load_state_dict`` —
-    bumps it), over the same storage, offset, shape and strides (``param.data = ...``
-    swaps them but keeps the version), and — while :attr:`verify_contents` is on, the
-    default — with the same values. The storage is identified by a weak reference, not by
-    its address: after ``param.data`` is swapped twice, the new storage can sit at the
-    address the cached one had. The values are compared because writes through
+    bumps it), at the same address, offset, shape and strides (``param.data = ...`` swaps
+    them but keeps the version), and — while :attr:`verify_contents` is on, the default —
+    with the same values; with it off, over the same storage, identified by a weak
+    reference, not by its address: after ``param.data`` is swapped twice, the new storage
+    can sit at the address the cached one had. The values are compared because writes through
     ``param.data`` (``param.data.copy_(...)``, EMA updates written that way, and
     ``torch.autograd.gradcheck``'s own perturbations) bump no version of ``param``. The
     comparison costs a pass over the kernel and a stored copy of it (1.8 ms per call for
@@ -153,7 +154,10 @@ class SpectrumCache:
     """
 
     def __init__(self, verify_contents: bool = True) -> None:
-        self._entries: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        # id(weight) -> (weak reference to the weight, {geometry: entry}); an entry is
+        # (stamp, storage, contents, spectrum). Looked up by id on every call, so that a
+        # hit costs a dict lookup, not a weak-key wrapper per call.
+        self._entries: dict[int, tuple[weakref.ref, dict]] = {}
         self.verify_contents = verify_contents
         self.hits = 0
         self.misses = 0
@@ -167,10 +171,9 @@ class SpectrumCache:
         geometry = (tuple(fft_size), tuple(dilation), tuple(shift), groups, path)
         stamp = (w._version, w.data_ptr(), w.dtype, w.device, tuple(w.shape), w.stride(),
                  w.storage_offset())
-        storage = StorageWeakRef(w.untyped_storage())
-        per_weight = self._entries.setdefault(w, {})
+        per_weight = self._per_weight(w)
         cached = per_weight.get(geometry)
-        if cached is not None and self._still_valid(cached, stamp, storage, w):
+        if cached is not None and self._still_valid(cached, stamp, w):
             self.hits += 1
             return cached[3]
         self.misses += 1
@@ -180,22 +183,50 @@ class SpectrumCache:
             del per_weight[key]
         spectrum = weight_spectrum(w, fft_size, dilation, shift, groups, path)
         contents = w.detach().clone() if self.verify_contents else None
-        per_weight[geometry] = (stamp, storage, contents, spectrum)
+        per_weight[geometry] = (stamp, StorageWeakRef(w.untyped_storage()), contents, spectrum)
         return spectrum
 
-    def _still_valid(self, cached, stamp, storage, w: torch.Tensor) -> bool:
+    def _per_weight(self, w: torch.Tensor) -> dict:
+        """The entries of ``w`` (created empty); they die with ``w``."""
+        key = id(w)
+        found = self._entries.get(key)
+        if found is not None and found[0]() is w:
+            return found[1]
+        entries = self._entries
+
+        def forget(ref: weakref.ref) -> None:
+            if entries.get(key, (None,))[0] is ref:
+                del entries[key]
+
+        per_weight: dict = {}
+        entries[key] = (weakref.ref(w, forget), per_weight)
+        return per_weight
+
+    def _still_valid(self, cached, stamp, w: torch.Tensor) -> bool:
         cached_stamp, cached_storage, contents, _ = cached
-        # A live weak reference pins the storage object, so equal references mean the
-        # same storage; an expired one means the cached storage is gone.
-        if cached_stamp != stamp or cached_storage.expired() or cached_storage != storage:
+        if cached_stamp != stamp:
             return False
         if self.verify_contents:
-            return contents is not None and torch.equal(w.detach(), contents)
-        return True
+            # Equal values give the same spectrum, whatever storage holds them.
+            return contents is not None and _same_values(w.detach(), contents)
+        # A live weak reference pins the storage object, so equal references mean the
+        # same storage; an expired one means the cached storage is gone.
+        return not cached_storage.expired() and cached_storage == StorageWeakRef(w.untyped_storage())
 
     def clear(self) -> None:
         """Forget every cached spectrum."""
-        self._entries = WeakIdKeyDictionary()
+        self._entries = {}
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``torch.equal(a, b)``, through NumPy's vectorized comparison on CPU where NumPy has
+    the dtype: 2–3x faster on this project's CPU (11 vs 31 µs for an 8x8x512 kernel)."""
+    if a.device.type == "cpu" and a.dtype in _NUMPY_DTYPES:
+        return bool(np.array_equal(a.numpy(), b.numpy()))
+    return torch.equal(a, b)
+
+
+_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
 
 
 def _is_plain_tensor(t: torch.Tensor) -> bool:

@@ -14,7 +14,7 @@ importing specfx should not fix that choice for a process that sets it later.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Iterator, Optional
+from typing import ContextManager, Iterator, Optional
 
 import torch
 
@@ -45,17 +45,11 @@ def _on_device(t: torch.Tensor) -> ContextManager:
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _default(op) -> Callable:
-    """The op's own implementation: what the dispatcher runs on devices with no kernel of
-    their own (``CustomOpDef`` keeps it as ``_init_fn``)."""
-    return op._init_fn
-
-
 def spectral_mix_cuda(x_hat: torch.Tensor, weight: torch.Tensor, fft_size: list[int], dilation: list[int],
                       shift: list[int], groups: int) -> torch.Tensor:
     """``specfx::spectral_mix`` with the Triton contraction (fp32)."""
     if not _enabled or x_hat.dtype != torch.complex64 or fourier.real_dtype_for(weight.dtype) != torch.float32:
-        return _default(spectral_ops.spectral_mix)(x_hat, weight, fft_size, dilation, shift, groups)
+        return spectral_ops.spectral_mix.kernel(x_hat, weight, fft_size, dilation, shift, groups)
     from . import mix
 
     rank = len(fft_size)
@@ -77,7 +71,7 @@ def spectral_activation_cuda(x_hat: torch.Tensor, fft_size: list[int], size: lis
     if _enabled and fused.supports(x_hat, fft_size):
         with _on_device(x_hat):
             return fused.spectral_activation(x_hat, fft_size, size, scale, shift, activation, negative_slope)
-    return _default(activation_ops.spectral_activation)(x_hat, fft_size, size, scale, shift, activation,
+    return activation_ops.spectral_activation.kernel(x_hat, fft_size, size, scale, shift, activation,
                                                         negative_slope)
 
 
@@ -90,9 +84,9 @@ def poly_activation_cuda(x_hat: torch.Tensor, coeffs: torch.Tensor, fft_size: li
     if _enabled and fused.supports(x_hat, fft_size):
         with _on_device(x_hat):
             return fused.poly_activation(x_hat, coeffs, fft_size, size, scale, shift, mask_input)
-    return _default(activation_ops.poly_activation)(x_hat, coeffs, fft_size, size, scale, shift, mask_input)
+    return activation_ops.poly_activation.kernel(x_hat, coeffs, fft_size, size, scale, shift, mask_input)
 
 
-torch.library.register_kernel("specfx::spectral_mix", "cuda", spectral_mix_cuda)
-torch.library.register_kernel("specfx::spectral_activation", "cuda", spectral_activation_cuda)
-torch.library.register_kernel("specfx::poly_activation", "cuda", poly_activation_cuda)
+spectral_ops.spectral_mix.register_kernel("cuda", spectral_mix_cuda)
+activation_ops.spectral_activation.register_kernel("cuda", spectral_activation_cuda)
+activation_ops.poly_activation.register_kernel("cuda", poly_activation_cuda)
