@@ -220,14 +220,18 @@ def copy_bandwidth_gbps(nbytes: int = 1 << 30, rounds: int = 10) -> float:
 
 
 def mix_calls(gm: fx.GraphModule, x: torch.Tensor) -> list[tuple]:
-    """The arguments of every ``spectral_mix`` the lowered model runs on ``x``."""
-    target = torch.ops.specfx.spectral_mix.default
+    """The arguments of every ``spectral_mix`` the lowered model runs on ``x``, the ones
+    inside a merged ``spectral_conv`` included."""
+    ops = torch.ops.specfx
     calls: list[tuple] = []
 
     class Recorder(fx.Interpreter):
         def call_function(self, fn, args, kwargs):
-            if fn is target:
+            if fn is ops.spectral_mix.default:
                 calls.append(args)
+            elif fn is ops.spectral_conv.default:
+                x, weight, _, in_size, fft_size, dilation, shift, groups = args[:8]
+                calls.append((ops.to_spectrum(x, in_size, fft_size), weight, fft_size, dilation, shift, groups))
             return super().call_function(fn, args, kwargs)
 
     with torch.no_grad():

@@ -1,11 +1,12 @@
 """Side-by-side timing and peak-memory measurement for the benchmarks.
 
 Candidates are timed in interleaved rounds, so a burst of load on a shared machine hits
-all of them alike; the figure kept is the median over rounds. In a round each candidate
-runs a block of back-to-back calls lasting about :data:`BLOCK_MS` (one call when a call
-takes longer): a sub-millisecond call is then timed as it runs inside a model's loop, not
-cold after the previous candidate has evicted its data from the caches, which on this
-project's 2-core machine added 0.1–0.3 ms to a 0.6 ms call depending on who ran before.
+all of them alike, in an order that rotates from round to round; the figure kept is the
+median over rounds. In a round each candidate runs a block of back-to-back calls lasting
+about :data:`BLOCK_MS` (one call when a call takes longer): a sub-millisecond call is then
+timed as it runs inside a model's loop, not cold after the previous candidate has evicted
+its data from the caches, which on this project's 2-core machine added 0.1–0.3 ms to a
+0.6 ms call depending on who ran before.
 """
 
 from __future__ import annotations
@@ -40,8 +41,14 @@ def interleaved_medians(candidates: dict[str, Callable[[], object]], rounds: int
                 start = time.perf_counter()
                 fn()
                 calls[name] = max(1, math.ceil(BLOCK_MS / ((time.perf_counter() - start) * 1e3)))
-        for _ in range(rounds):
-            for name, fn in candidates.items():
+        names = list(candidates)
+        for round_ in range(rounds):
+            # The order rotates: what ran before a candidate (its allocations, what it left
+            # in the caches) moved a 0.7 ms conv by 0.05–0.1 ms on this project's CPU, so
+            # no candidate always follows the same one.
+            start_at = round_ % len(names)
+            for name in names[start_at:] + names[:start_at]:
+                fn = candidates[name]
                 start = time.perf_counter()
                 for _ in range(calls[name]):
                     fn()

@@ -43,15 +43,15 @@ CHAIN = "specfx_chain"  # node meta: the chain a node was added for
 
 
 def count_transforms(gm: fx.GraphModule) -> dict[str, int]:
-    """Forward and inverse transforms the graph runs (an exact spectral activation runs
-    one of each)."""
+    """Forward and inverse transforms the graph runs (an exact spectral activation and a
+    merged ``spectral_conv`` run one of each)."""
     fwd = inv = 0
     for n in gm.graph.nodes:
         if n.target is OPS.to_spectrum.default:
             fwd += 1
         elif n.target is OPS.from_spectrum.default:
             inv += 1
-        elif n.target is OPS.spectral_activation.default:
+        elif n.target in (OPS.spectral_activation.default, OPS.spectral_conv.default):
             fwd, inv = fwd + 1, inv + 1
     return {"forward": fwd, "inverse": inv}
 

@@ -85,8 +85,10 @@ def measure_profile() -> CostProfile:
         v = torch.randn(64, 64 * 33, dtype=torch.complex64)
         bandwidth = 2 * u.numel() * 8 / _median_s(lambda: u * v) / 1e9
 
-        tiny = torch.randn(1, 1, 8)
+        tiny, tiny_kernel, tiny_bias = torch.randn(1, 1, 8), torch.randn(1, 1, 3), torch.randn(1)
         overhead_ms = _median_s(lambda: ops.to_spectrum(tiny, [8], [8]), repeats=51) * 1e3
+        conv_overhead_ms = _median_s(lambda: ops.spectral_conv(tiny, tiny_kernel, tiny_bias, [8], [8], [1], [0], 1,
+                                                               [6], [1], torch.float32), repeats=51) * 1e3
 
         # A block above the mmap ceiling, written fresh vs written again.
         mib = 64
@@ -97,6 +99,7 @@ def measure_profile() -> CostProfile:
                        depthwise_fast_max_kernel=fast_max_kernel, depthwise_slow_gflops=slow,
                        depthwise_channels_last_gflops=depthwise_cl, fft_gflops=fft, inverse_fft_gflops=inverse_fft,
                        complex_gemm_gflops=gemm, memory_gbps=bandwidth, per_op_overhead_ms=overhead_ms,
+                       conv_overhead_ms=conv_overhead_ms,
                        fresh_page_ms_per_mib=fresh_page)
 
 

@@ -38,7 +38,10 @@ class CostProfile:
     oneDNN), so a group with fewer output channels leaves part of each block idle: 8→8
     convs ran at 62–72 GF/s here against 140–180 for 16 or more output channels.
     ``fresh_page_ms_per_mib`` is the cost of first touching newly mapped memory (see
-    :func:`fresh_pages_ms`).
+    :func:`fresh_pages_ms`). ``per_op_overhead_ms`` is the fixed cost of one spectral op
+    call (a chain's ops), ``conv_overhead_ms`` that of one lowered conv outside a chain
+    (one ``spectral_conv`` call running three ops' worth of Python: 0.16–0.20 ms here on a
+    tiny input, against 0.035–0.04 ms for one ``to_spectrum``).
     """
 
     dense_direct_gflops: float = 160.0
@@ -52,6 +55,7 @@ class CostProfile:
     complex_gemm_gflops: float = 64.0
     memory_gbps: float = 34.0
     per_op_overhead_ms: float = 0.06
+    conv_overhead_ms: float = 0.18
     fresh_page_ms_per_mib: float = 0.45
 
     def save(self, path: Union[str, Path, None] = None) -> Path:
@@ -215,10 +219,11 @@ def estimate(shape: ConvShape, geometry: SpectralGeometry, profile: CostProfile 
     transform_ms = (forward_flop / profile.fft_gflops + inverse_flop / profile.inverse_fft_gflops) / 1e6
     # Zero-padding the input onto the grid, and cropping the output off it (plus bias).
     copy_bytes = (b * cin * math.prod(geometry.fft_size) + 2 * b * cout * out_points) * eb
-    # The input and output spectra and the output are fresh allocations of every call.
-    fresh_ms = sum(fresh_pages_ms(t, profile) for t in (b * cin * bins * 2 * eb, b * cout * bins * 2 * eb,
-                                                        b * cout * out_points * eb))
-    fft_ms = transform_ms + mix_ms + copy_bytes / profile.memory_gbps / 1e6 + fresh_ms + 3 * profile.per_op_overhead_ms
+    # The input spectrum and the output are fresh allocations of every call. The output
+    # spectrum is never whole past the mmap ceiling: a merged conv makes it a block of
+    # channels at a time there (spectral_ops.WHOLE_SPECTRUM_BYTES).
+    fresh_ms = sum(fresh_pages_ms(t, profile) for t in (b * cin * bins * 2 * eb, b * cout * out_points * eb))
+    fft_ms = transform_ms + mix_ms + copy_bytes / profile.memory_gbps / 1e6 + fresh_ms + profile.conv_overhead_ms
     return ConvCost(direct_gflop=direct_flop / 1e9, fft_gflop=(transform_flop + mix_flop) / 1e9,
                     direct_ms=direct_ms, fft_ms=fft_ms, fft_size=geometry.fft_size)
 

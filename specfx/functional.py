@@ -37,14 +37,13 @@ def spectral_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
 def apply_geometry(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                    geometry: SpectralGeometry, groups: int) -> torch.Tensor:
-    """Run the three spectral ops for a planned geometry."""
+    """Run the spectral ops for a planned geometry."""
     if geometry.pre_pad is not None:
         mode, pads = geometry.pre_pad
         x = F.pad(x, list(pads), mode=mode)
     g, blocks = geometry, geometry.overlap_save
     if blocks is not None:
         x = split_blocks(x, blocks.left, blocks.right, blocks.window, blocks.block)
-    x_hat = ops.to_spectrum(x, list(g.in_size), list(g.fft_size))
-    y_hat = ops.spectral_mix(x_hat, weight, list(g.fft_size), list(g.dilation), list(g.shift), groups)
-    y = ops.from_spectrum(y_hat, list(g.fft_size), list(g.out_size), list(g.stride), bias, x.dtype)
+    y = ops.spectral_conv(x, weight, bias, list(g.in_size), list(g.fft_size), list(g.dilation), list(g.shift),
+                          groups, list(g.out_size), list(g.stride), x.dtype)
     return y if blocks is None else join_blocks(y, blocks.count, blocks.out)

@@ -35,5 +35,6 @@ CUDA_PROFILE = CostProfile(
     complex_gemm_gflops=20_000.0,
     memory_gbps=2_500.0,
     per_op_overhead_ms=0.015,
+    conv_overhead_ms=0.045,
     fresh_page_ms_per_mib=0.0,
 )

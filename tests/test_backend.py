@@ -101,7 +101,7 @@ def test_entry_point_compiles_without_importing_specfx(tmp_path: Path) -> None:
     assert result["duplicate"] == "duplicate name: specfx"
     trace = "".join(p.read_text() for p in tmp_path.iterdir() if p.is_file())
     assert f'"name": "{TRACE_ARTIFACT}"' in trace
-    assert "+    to_spectrum_default = torch.ops.specfx.to_spectrum.default(" in trace
+    assert "+    spectral_conv_default = torch.ops.specfx.spectral_conv.default(" in trace
     assert "-    conv2d = torch.conv2d(" in trace
 
 
@@ -186,7 +186,7 @@ def test_dynamo_graph_forms_are_lowered(forms) -> None:
     model, compiled, x, report = forms
     assert report.frontend == "dynamo"
     assert report.lowered == ["depthwise", "reflect", "z"]  # a functional conv is named by its node, str(report)
-    assert "torch.ops.specfx.spectral_mix" in report.passes[-1].code
+    assert "torch.ops.specfx.spectral_conv" in report.passes[-1].code
     assert "torch.conv" not in report.passes[-1].code
     with torch.no_grad():
         assert_scaled_close(compiled(x), model(x))

@@ -69,10 +69,10 @@ def test_module_diff_prints_the_rewrite_and_writes_html(models):
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert "-        conv: \"f32[1, 2, 16, 16]\" = self.conv(x)" in result.stdout
-    assert "+        from_spectrum_default: " in result.stdout
+    assert "+        spectral_conv_default: " in result.stdout
     assert any(line.split()[:2] == ["removed", "conv"] for line in result.stdout.splitlines())
     page = (models / "report.html").read_text(encoding="utf-8")
-    assert page.startswith("<!DOCTYPE html>") and "from_spectrum_default" in page
+    assert page.startswith("<!DOCTYPE html>") and "spectral_conv_default" in page
 
 
 def test_console_script_explains_a_model_file(models):

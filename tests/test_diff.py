@@ -15,7 +15,9 @@ import specfx
 from specfx.diff import unified_diff
 from specfx.html_report import DrawingUnavailable, graph_dot, render_svg
 
+# What lower_convs adds for a conv, and the one node merge_convs makes of it.
 SPECTRAL_NODES = {"to_spectrum_default", "spectral_mix_default", "from_spectrum_default"}
+MERGED = "spectral_conv_default"
 
 
 class DepthwiseNet(nn.Module):
@@ -48,23 +50,21 @@ def test_known_rewrite_removes_the_conv_and_adds_the_spectral_nodes(lowered):
     model, fast = lowered
     d = specfx.diff(model, fast)
     assert d.removed == ["conv"]
-    assert set(d.added) == SPECTRAL_NODES | {"conv_weight", "conv_bias"}
+    assert set(d.added) == {MERGED, "conv_weight", "conv_bias"}
     assert d.kept == ["x", "relu", "output"]
-    assert d.summary() == "3 kept, 1 removed, 5 added"
+    assert d.summary() == "3 kept, 1 removed, 3 added"
 
 
 def test_replacement_is_tracked_through_node_meta(lowered):
     model, fast = lowered
     rows = {(row.status, row.name): row for row in specfx.diff(model, fast).rows}
     conv = rows["removed", "conv"]
-    assert conv.replaced_by == "from_spectrum_default"
+    assert conv.replaced_by == MERGED
     assert (conv.op, conv.target, conv.module) == ("call_module", "conv", "conv (Conv2d)")
     assert conv.shape == "(1, 4, 32, 32) float32"
-    for name in SPECTRAL_NODES:
-        assert rows["added", name].lowered_from == "conv"
+    assert rows["added", MERGED].lowered_from == "conv"
     # The rewrite's nodes carry no shapes of their own: diff ran the graph to find them.
-    assert rows["added", "from_spectrum_default"].shape == "(1, 4, 32, 32) float32"
-    assert rows["added", "to_spectrum_default"].shape.endswith("complex64")
+    assert rows["added", MERGED].shape == "(1, 4, 32, 32) float32"
     assert rows["added", "conv_weight"].shape == "(4, 1, 31, 31) float32"
 
 
@@ -81,7 +81,7 @@ def test_unified_diff_shows_exactly_the_rewritten_lines(lowered):
     assert text.startswith("--- before\n+++ after\n@@ ")
     # relu is kept but reads another input, so its line changes too.
     assert _defined(text, "-") == {"conv", "relu"}
-    assert _defined(text, "+") == SPECTRAL_NODES | {"conv_weight", "conv_bias", "relu"}
+    assert _defined(text, "+") == {MERGED, "conv_weight", "conv_bias", "relu"}
 
 
 def test_table_has_one_row_per_node(lowered):
@@ -89,9 +89,9 @@ def test_table_has_one_row_per_node(lowered):
     d = specfx.diff(model, fast)
     lines = d.table().splitlines()
     assert lines[0].split()[:4] == ["status", "node", "op", "target"]
-    assert len(lines) == 1 + len(d.rows) == 1 + 3 + 1 + 5
+    assert len(lines) == 1 + len(d.rows) == 1 + 3 + 1 + 3
     conv_line = next(line for line in lines if line.split()[:2] == ["removed", "conv"])
-    assert conv_line.endswith("→ from_spectrum_default")
+    assert conv_line.endswith(f"→ {MERGED}")
 
 
 def test_no_rewrite_means_an_empty_diff():
@@ -111,6 +111,8 @@ def test_per_pass_diffs_show_what_each_pass_changed(lowered):
     (lowering,) = [e for e in changed if _defined(e.diff, "-") & {"conv"}]
     assert lowering.name == "lower_convs"
     assert SPECTRAL_NODES <= _defined(lowering.diff, "+")
+    (merging,) = [e for e in changed if e.name == "merge_convs"]
+    assert _defined(merging.diff, "-") >= SPECTRAL_NODES and MERGED in _defined(merging.diff, "+")
     assert specfx.diff_passes(fast.specfx_report) == entries
 
 
@@ -135,9 +137,9 @@ def test_export_graphs_are_diffed_against_an_export_capture():
     fast = specfx.optimize(model, (torch.randn(1, 4, 32, 32),), policy="always", frontend="export")
     d = specfx.diff(model, fast)  # captures `model` with export too, so node names line up
     assert d.removed == ["conv2d"]
-    assert set(d.added) == SPECTRAL_NODES
+    assert set(d.added) == {MERGED}
     (conv,) = [row for row in d.rows if row.status == "removed"]
-    assert conv.replaced_by == "from_spectrum_default"
+    assert conv.replaced_by == MERGED
     assert conv.target == "torch.ops.aten.conv2d.default"
     assert conv.module == "conv (Conv2d)"
 
@@ -214,7 +216,7 @@ def test_html_report_parses_and_is_self_contained(lowered, tmp_path):
     path = d.to_html(tmp_path / "report.html")
     page = path.read_text(encoding="utf-8")
     assert_self_contained(page)
-    for text in ("Decisions", "policy=&#x27;always&#x27;", "from_spectrum_default", "lower_convs",
+    for text in ("Decisions", "policy=&#x27;always&#x27;", MERGED, "lower_convs",
                  "Conv2d 4→4 k=31x31 depthwise", "Graph drawings omitted"):
         assert text in page, text
     cost = fast.specfx_report.decisions[0].cost
@@ -233,9 +235,9 @@ def test_graph_dot_colours_removed_and_added_nodes(lowered):
     model, fast = lowered
     d = specfx.diff(model, fast)
     dot = graph_dot(d.after, {name: "added" for name in d.added}, "after")
-    assert '"to_spectrum_default" [label="to_spectrum_default\\ncall_function", fillcolor="#d2f4d3"]' in dot
+    assert '"spectral_conv_default" [label="spectral_conv_default\\ncall_function", fillcolor="#d2f4d3"]' in dot
     assert '"relu" [label="relu\\ncall_function", fillcolor="#ffffff"]' in dot
-    assert '"from_spectrum_default" -> "relu";' in dot
+    assert '"spectral_conv_default" -> "relu";' in dot
 
 
 @pytest.mark.skipif(any(importlib.util.find_spec(m) for m in ("pydot", "graphviz")),

@@ -28,8 +28,9 @@ from specfx.verify import verify
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 
+SPECTRAL_CONV = torch.ops.specfx.spectral_conv.default
 SPECTRAL_OPS = {torch.ops.specfx.to_spectrum.default, torch.ops.specfx.spectral_mix.default,
-                torch.ops.specfx.from_spectrum.default}
+                torch.ops.specfx.from_spectrum.default, SPECTRAL_CONV}
 
 
 @pytest.fixture(autouse=True)
@@ -37,17 +38,18 @@ def _seed():
     torch.manual_seed(0)
 
 
-def spectral_op_count(gm: fx.GraphModule) -> int:
-    return sum(n.op == "call_function" and n.target in SPECTRAL_OPS for n in gm.graph.nodes)
+def spectral_ops(gm: fx.GraphModule) -> list:
+    return [n.target for n in gm.graph.nodes if n.op == "call_function" and n.target in SPECTRAL_OPS]
 
 
 def assert_all_lowered(fast: fx.GraphModule, count: int) -> None:
-    """``count`` convs lowered, none kept, none left in the graph, three ops each."""
+    """``count`` convs lowered, none kept, none left in the graph, each one ``spectral_conv``
+    (its three ops merged: no chain reads their spectra)."""
     report = fast.specfx_report
     assert len(report.lowered) == count, str(report)
     assert report.kept == {}, str(report)
     assert find_conv_sites(fast) == []
-    assert spectral_op_count(fast) == 3 * count
+    assert spectral_ops(fast) == [SPECTRAL_CONV] * count
 
 
 def check_forward_backward(model: nn.Module, fast: nn.Module, *inputs: torch.Tensor) -> None:
@@ -232,7 +234,7 @@ def test_aten_convolution_graph(frontend):
     assert "transposed" in kept_reason
     remaining = [n.target for n in fast.graph.nodes if n.op == "call_function"]
     assert remaining.count(torch.ops.aten.convolution.default) == 1  # the transposed one
-    assert spectral_op_count(fast) == 3
+    assert spectral_ops(fast) == [SPECTRAL_CONV]
     check_outputs(fast, model, x)
 
 
@@ -349,7 +351,7 @@ def test_policy_never(mixed):
     assert list(report.kept) == ["c3", "c1", "dw", "big", "up"]
     assert all(reason for reason in report.kept.values())
     assert report.kept["dw"] == "policy='never'"
-    assert spectral_op_count(fast) == 0
+    assert spectral_ops(fast) == []
     assert not any(p.modified for p in report.passes)
     assert torch.equal(fast(x), model(x))
 
@@ -652,12 +654,15 @@ def test_bad_frontend():
 
 # --- 8. verification ------------------------------------------------------------------------
 
-def _shift_spectral_mix(gm: fx.GraphModule, index: int) -> None:
-    """Corrupt the ``index``-th lowered conv: place its kernel with the wrong shift."""
-    mixes = [n for n in gm.graph.nodes if n.target is torch.ops.specfx.spectral_mix.default]
-    args = list(mixes[index].args)
-    args[4] = [s + 1 for s in args[4]]
-    mixes[index].args = tuple(args)
+def _shift_lowered_conv(gm: fx.GraphModule, index: int) -> None:
+    """Corrupt the ``index``-th lowered conv (merged, or a chain's ``spectral_mix``): place
+    its kernel with the wrong shift."""
+    shift_arg = {SPECTRAL_CONV: 6, torch.ops.specfx.spectral_mix.default: 4}
+    convs = [n for n in gm.graph.nodes if n.target in shift_arg]
+    args = list(convs[index].args)
+    at = shift_arg[convs[index].target]
+    args[at] = [s + 1 for s in args[at]]
+    convs[index].args = tuple(args)
     gm.recompile()
 
 
@@ -665,24 +670,24 @@ def test_verify_names_the_diverging_node():
     model = nn.Sequential(nn.Conv2d(3, 8, 5, padding=2), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Tanh())
     x = torch.randn(2, 3, 12, 12)
     reference, _ = capture(copy.deepcopy(model), (x,), "symbolic_trace")
-    # per-conv lowering, so that each conv has its own from_spectrum (no fused chain)
+    # per-conv lowering, so that each conv is its own node (no fused chain)
     fast = specfx.optimize(reference, (x,), policy="always", chains=False)
     error, tolerance = verify(reference, fast, (x,))
     assert error <= tolerance
 
-    _shift_spectral_mix(fast, 1)
+    _shift_lowered_conv(fast, 1)
     with pytest.raises(specfx.VerificationError) as info:
         verify(reference, fast, (x,))
     message = str(info.value)
-    # the second conv's from_spectrum, not the first conv's, nor the tanh after it
-    second = [n.name for n in fast.graph.nodes if n.target is torch.ops.specfx.from_spectrum.default][1]
+    # the second conv's node, not the first conv's, nor the tanh after it
+    second = [n.name for n in fast.graph.nodes if n.target is SPECTRAL_CONV][1]
     assert f"node {second!r}" in message
     assert "lowered from conv '2'" in message
 
 
 def test_optimize_raises_verification_error(monkeypatch):
     def corrupt(gm, ctx):
-        _shift_spectral_mix(gm, 0)
+        _shift_lowered_conv(gm, 0)
         return PassResult(gm, True)
 
     pipeline = list(specfx.passes.PIPELINE) + [

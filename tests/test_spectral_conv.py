@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 import specfx
 from conftest import SCALED_TOLERANCE, assert_scaled_close
+from specfx.ops import contraction, fourier, spectral_ops
 
 FUNCTIONAL_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 MODULE_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -55,6 +56,9 @@ def check_forward_backward(x, weight, bias, stride, padding, dilation, groups, p
     assert actual.dtype == x.dtype
     assert actual.shape == expected.shape
     assert_scaled_close(actual, expected)
+    with torch.no_grad():  # spectral_conv's own kernel: with a gradient it runs as its three ops
+        assert_scaled_close(specfx.spectral_conv(x, weight, bias, stride, padding, dilation, groups, padding_mode),
+                            expected.detach())
 
     upstream = torch.randn_like(expected)
     grads = torch.autograd.grad(actual, leaves, upstream)
@@ -157,6 +161,33 @@ def test_conv2d_generated_configs_match_torch_forward_and_backward(cfg):
 @given(cfg=conv_configs(rank=3))
 def test_conv3d_generated_configs_match_torch_forward_and_backward(cfg):
     run_config(cfg)
+
+
+@settings(max_examples=100, deadline=None)
+@given(cfg=conv_configs(rank=2), block_bytes=st.sampled_from([64, 1024]))
+def test_output_spectrum_in_channel_blocks_matches_torch(cfg, block_bytes):
+    """``spectral_conv`` makes a large output spectrum a block of channels at a time
+    (specfx/ops/spectral_ops.py): with the thresholds lowered, every generated conv runs
+    that way, in blocks of whole groups or of channels within a group."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(spectral_ops, "WHOLE_SPECTRUM_BYTES", 0)
+        patch.setattr(fourier, "BLOCK_BYTES", block_bytes)
+        run_config(cfg)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("groups, block_bytes", [(1, 64), (2, 64), (2, 1 << 20)])
+def test_gemm_path_in_channel_blocks_matches_torch(groups, block_bytes, dtype):
+    """The GEMM contraction (20 input channels per group) in blocks of output channels:
+    slices of one group (small blocks) and whole groups (large ones)."""
+    x = torch.randn(3, 20 * groups, 9, 8, dtype=dtype)
+    weight = torch.randn(6 * groups, 20, 3, 2, dtype=dtype)
+    bias = torch.randn(6 * groups, dtype=dtype)
+    assert contraction.choose_path(20, 3) == contraction.GEMM
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(spectral_ops, "WHOLE_SPECTRUM_BYTES", 0)
+        patch.setattr(fourier, "BLOCK_BYTES", block_bytes)
+        check_forward_backward(x, weight, bias, (1, 2), 1, 1, groups, "zeros")
 
 
 # --- every padding form with every padding mode, deterministically ------------------------

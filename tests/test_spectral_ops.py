@@ -1,5 +1,6 @@
-"""The three spectral ops themselves: registration (opcheck), exact gradients (gradcheck),
-the weight-spectrum cache, the planned-size check and the depthwise contraction path."""
+"""The three spectral ops and ``spectral_conv`` (the three merged): registration (opcheck),
+exact gradients (gradcheck), the weight-spectrum cache, the planned-size check and the
+depthwise contraction path."""
 
 from __future__ import annotations
 
@@ -54,10 +55,12 @@ def op_arguments(case):
         "to_spectrum": (x.requires_grad_(), in_size, fft),
         "spectral_mix": (x_hat.requires_grad_(), weight, fft, list(g.dilation), list(g.shift), groups),
         "from_spectrum": (y_hat.requires_grad_(), fft, list(g.out_size), list(g.stride), bias, dtype),
+        "spectral_conv": (x, weight, bias, in_size, fft, list(g.dilation), list(g.shift), groups,
+                          list(g.out_size), list(g.stride), dtype),
     }
 
 
-@pytest.mark.parametrize("op_name", ["to_spectrum", "spectral_mix", "from_spectrum"])
+@pytest.mark.parametrize("op_name", ["to_spectrum", "spectral_mix", "from_spectrum", "spectral_conv"])
 @pytest.mark.parametrize("case", sorted(OP_CASES))
 def test_opcheck_passes(op_name, case):
     args = op_arguments(OP_CASES[case])[op_name]

@@ -20,7 +20,7 @@ under a ``TorchDispatchMode`` (AOTAutograd's first call of a compiled graph) run
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -100,11 +100,46 @@ def _accumulate(x: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor] = 
 
 def _gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``(N, g, C, F)`` by ``(g·F, C, O)`` → ``(N, g, O, F)``: batched GEMM over (g, f)."""
+    return _gemm_rows(_rows(x), w, x.shape[1])
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``(N, g, C, F)`` → ``(g·F, N, C)``, contiguous: the GEMMs' left operands."""
     n, g, c, freqs = x.shape
-    rows = x.permute(1, 3, 0, 2).contiguous().view(g * freqs, n, c)
-    y = torch.bmm(rows, w).view(g, freqs, n, w.shape[-1])
-    del rows  # before the result's copy: three spectra at the peak, not four
+    return x.permute(1, 3, 0, 2).contiguous().view(g * freqs, n, c)
+
+
+def _gemm_rows(rows: torch.Tensor, w: torch.Tensor, groups: int) -> torch.Tensor:
+    """:func:`_gemm` of operands already laid out by :func:`_rows`."""
+    n = rows.shape[1]
+    y = torch.bmm(rows, w).view(groups, rows.shape[0] // groups, n, w.shape[-1])
+    # Before the result's copy, where the caller kept no reference (as in _gemm): three
+    # spectra at the peak, not four.
+    del rows
     return y.permute(2, 0, 3, 1).contiguous()
+
+
+def mix_blocks(x_hat: torch.Tensor, w_laid: torch.Tensor, groups: int, spectral_rank: int, path: str,
+               blocks: list[tuple[slice, slice]]) -> Iterator[tuple[int, torch.Tensor]]:
+    """:func:`mix` one block of output channels at a time, for ``blocks`` of ``(groups,
+    output channels within each group)`` that each cover a contiguous channel range (whole
+    groups, or a slice of one group): yields each block's first output channel and its
+    ``(N, channels, *bins)`` result. The whole output spectrum never exists at once."""
+    x = flatten_groups(x_hat, groups, spectral_rank)
+    n, _, c, _ = x.shape
+    w = group_view(w_laid, groups, path)
+    out_per_group = w.shape[1]
+    bins = x_hat.shape[x_hat.dim() - spectral_rank:]
+    rows, rows_of = None, None
+    for group_block, out_block in blocks:
+        w_block = w[group_block, out_block]
+        if path == ACCUMULATE:
+            y = _accumulate(x[:, group_block], w_block)
+        else:
+            if rows_of != group_block:  # one layout per block of groups, not per block of channels
+                rows, rows_of = _rows(x[:, group_block]), group_block
+            y = _gemm_rows(rows, w_block.permute(0, 3, 2, 1).reshape(-1, c, w_block.shape[1]), w_block.shape[0])
+        yield group_block.start * out_per_group + (out_block.start or 0), y.view(n, -1, *bins)
 
 
 def mix(x_hat: torch.Tensor, w_laid: torch.Tensor, groups: int, spectral_rank: int, path: str) -> torch.Tensor:

@@ -34,6 +34,19 @@ def row_blocks(rows: int, fft_size: Sequence[int], element_bytes: int,
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
+def fits_one_block(rows: int, fft_size: Sequence[int], element_bytes: int,
+                   block_bytes: Optional[int] = None) -> bool:
+    """Whether :func:`row_blocks` would make a single block: the common case, checked on
+    every call before any slicing."""
+    return rows * math.prod(fft_size) * element_bytes <= (BLOCK_BYTES if block_bytes is None else block_bytes)
+
+
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call where ``t`` already has it (a call is ~1.5 µs of
+    argument parsing, several per lowered conv)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def spatial_dims(rank: int) -> list[int]:
     """The last ``rank`` dims, as negative indices."""
     return list(range(-rank, 0))

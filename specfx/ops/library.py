@@ -37,6 +37,8 @@ class SpectralOp:
         # The kernel the dispatcher runs for each backend key, for calls that need no
         # autograd and meet no other key on the way (see register_autograd).
         self._backend_kernels = {_C.DispatchKey.CPU: default}
+        # The undecorated implementation per device type, for kernels composed of this op.
+        self._device_kernels: dict[str, Callable[..., torch.Tensor]] = {}
         self.overload = getattr(getattr(torch.ops, NAMESPACE), name).default
         functools.update_wrapper(self, kernel)
 
@@ -53,12 +55,18 @@ class SpectralOp:
         key, opaque = _C._dispatch_key_for_device(device_type), _opaque_to_dynamo(kernel)
         _LIBRARY.impl(self.name, opaque, key)
         self._backend_kernels[getattr(_C.DispatchKey, key)] = opaque
+        self._device_kernels[device_type] = kernel
+
+    def implementation(self, device: torch.device) -> Callable[..., torch.Tensor]:
+        """The function that implements the op on ``device``, for a kernel composed of
+        this op to call without a second trip through the dispatcher."""
+        return self._device_kernels.get(device.type, self.kernel)
 
     def register_autograd(self, backward: Callable, setup_context: Callable) -> None:
         """Differentiate the op with ``backward(ctx, grad)``, which returns one gradient
         per input (``None`` for non-tensors), after ``setup_context(ctx, inputs, output)``
         saved what it needs: the conventions of ``torch.library.custom_op``."""
-        overload, backend_kernels = self.overload, self._backend_kernels
+        overload = self.overload
 
         def forward(*args: Any) -> torch.Tensor:
             # Grad mode is off in here, so this reaches the backend kernel.
@@ -70,10 +78,21 @@ class SpectralOp:
             "setup_context": staticmethod(setup_context),
             "backward": staticmethod(backward),
         })
+        self._register_autograd_kernel(differentiable.apply)
+
+    def register_composite_autograd(self, composite: Callable[..., torch.Tensor]) -> None:
+        """Differentiate the op as ``composite``, the same computation written with
+        differentiable ops: where a gradient is needed the op runs ``composite`` (so
+        autograd, and the graphs AOTAutograd traces, hold those ops and their formulas);
+        where none is, its own kernel."""
+        self._register_autograd_kernel(composite)
+
+    def _register_autograd_kernel(self, differentiable: Callable[..., torch.Tensor]) -> None:
+        overload, backend_kernels = self.overload, self._backend_kernels
 
         def autograd_kernel(keyset: _C.DispatchKeySet, *args: Any) -> torch.Tensor:
             if _C.is_grad_enabled() and _any_requires_grad(args):
-                return differentiable.apply(*args)
+                return differentiable(*args)
             below = keyset & _C._after_autograd_keyset
             with _C._AutoDispatchBelowAutograd():
                 # Where a backend is next (no fake or functional tensors, no tracing mode),

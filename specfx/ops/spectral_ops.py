@@ -7,6 +7,8 @@ A lowered convolution is three nodes:
     y     = specfx.from_spectrum(y_hat, fft_size, out_size, stride, bias, out_dtype)
 
 Keeping them separate lets a chain of convs drop a ``from_spectrum → to_spectrum`` pair.
+A lowered conv outside any chain then runs as one ``spectral_conv`` call, the three ops'
+implementations back to back (passes/merge_convs.py): one dispatch instead of three.
 Each op has a fake (meta) implementation, so graphs that hold them can be exported and
 compiled, and an autograd formula written from the exact adjoints in :mod:`.fourier`.
 Spectra are complex64, or complex128 for fp64 inputs; half-precision inputs are computed
@@ -15,13 +17,14 @@ in fp32 and the result is cast back in ``from_spectrum``.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
 from . import contraction, folding, fourier
 from .library import spectral_op
-from .weight_spectrum import SPECTRUM_CACHE, kernel_gradient
+from .weight_spectrum import SPECTRUM_CACHE, kernel_blocks, kernel_gradient
 
 
 def _complex_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -39,19 +42,18 @@ def _complex_dtype(dtype: torch.dtype) -> torch.dtype:
 def to_spectrum(x: torch.Tensor, in_size: list[int], fft_size: list[int]) -> torch.Tensor:
     """One-sided spectrum of ``x`` over its trailing ``len(fft_size)`` dims, zero-padded at
     the end to ``fft_size``. ``in_size`` is the spatial size the lowering was planned for."""
-    actual = list(x.shape[-len(fft_size):])
+    rank = len(fft_size)
+    actual = list(x.shape[x.dim() - rank:])
     if actual != list(in_size):
         raise ValueError(
             f"specfx: this lowered convolution was planned for spatial size {list(in_size)} "
             f"but got {actual}; run specfx.optimize again with an example input of that size")
     real = fourier.real_dtype_for(x.dtype)
-    rank = len(fft_size)
+    if fourier.fits_one_block(x.numel() // math.prod(in_size), fft_size, real.itemsize):
+        return fourier.rfftn(fourier.as_dtype(x, real), fft_size)
     rows = x.reshape(-1, *in_size)
-    blocks = fourier.row_blocks(rows.shape[0], fft_size, real.itemsize)
-    if len(blocks) == 1:
-        return fourier.rfftn(x.to(real), fft_size)
     out = torch.empty((rows.shape[0], *fourier.rfft_bins(fft_size)), dtype=_complex_dtype(real), device=x.device)
-    for block in blocks:
+    for block in fourier.row_blocks(rows.shape[0], fft_size, real.itemsize):
         torch.fft.rfftn(rows[block].to(real), s=fft_size, dim=fourier.spatial_dims(rank), out=out[block])
     return out.reshape(*x.shape[: x.dim() - rank], *out.shape[1:])
 
@@ -120,7 +122,7 @@ def _batch(x_hat: torch.Tensor, spectral_rank: int) -> int:
 
 def _laid_weight(x_hat, weight, fft_size, dilation, shift, groups, path) -> torch.Tensor:
     laid = SPECTRUM_CACHE.get(weight, fft_size, dilation, shift, groups, path)
-    return laid.to(x_hat.dtype)
+    return fourier.as_dtype(laid, x_hat.dtype)
 
 
 def _mix_path(weight: torch.Tensor, spectrum: torch.Tensor, spectral_rank: int) -> str:
@@ -349,17 +351,17 @@ def from_spectrum(y_hat: torch.Tensor, fft_size: list[int], out_size: list[int],
     (``out_size`` per axis, ``stride`` apart) cropped out, plus ``bias``, as ``out_dtype``."""
     rank = len(fft_size)
     real = fourier.real_dtype_for(y_hat.dtype)
-    rows = y_hat.reshape(-1, *y_hat.shape[-rank:])
-    blocks = fourier.row_blocks(rows.shape[0], fft_size, real.itemsize, fourier.INVERSE_BLOCK_BYTES)
-    if len(blocks) == 1:
+    bins = y_hat.shape[y_hat.dim() - rank:]
+    if fourier.fits_one_block(y_hat.numel() // bins.numel(), fft_size, real.itemsize, fourier.INVERSE_BLOCK_BYTES):
         y = _inverse(y_hat, fft_size, out_size, stride)
         if bias is not None:
-            y = y + _channel_view(bias.to(real), rank)
-        return y.to(out_dtype).contiguous()
+            y = y + _channel_view(fourier.as_dtype(bias, real), rank)
+        return fourier.as_dtype(y, out_dtype).contiguous()
+    rows = y_hat.reshape(-1, *bins)
     out = torch.empty((rows.shape[0], *out_size), dtype=out_dtype, device=y_hat.device)
     # One bias per row: rows run over (batch, channel) with the channel fastest.
     row_bias = None if bias is None else bias.to(real).repeat(rows.shape[0] // bias.numel())
-    for block in blocks:
+    for block in fourier.row_blocks(rows.shape[0], fft_size, real.itemsize, fourier.INVERSE_BLOCK_BYTES):
         y = _inverse(rows[block], fft_size, out_size, stride)
         if row_bias is not None:
             y = y + _channel_view(row_bias[block], rank)
@@ -393,3 +395,68 @@ def _from_spectrum_backward(ctx, grad):
 
 
 from_spectrum.register_autograd(_from_spectrum_backward, setup_context=_from_spectrum_setup)
+
+
+# --- spectral_conv -----------------------------------------------------------------------
+
+# Above this size the output spectrum of a merged conv on the CPU is made a block of output
+# channels at a time, each block transformed back into the output: a whole one would be
+# fresh mmap'd memory on every call (glibc maps blocks past its threshold, which stops
+# rising at 32 MiB). Convnet L1 (8 x 96 channels, 128 x 65 bins: 51 MB) spent ~20 ms of a
+# ~45 ms call in those page faults on this project's 2-core CPU.
+WHOLE_SPECTRUM_BYTES = 32 << 20
+
+
+@spectral_op("spectral_conv")
+def spectral_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], in_size: list[int],
+                  fft_size: list[int], dilation: list[int], shift: list[int], groups: int,
+                  out_size: list[int], stride: list[int], out_dtype: torch.dtype) -> torch.Tensor:
+    """A lowered conv whose spectra nothing else reads, as one call: ``from_spectrum(
+    spectral_mix(to_spectrum(x)))``, run by the three ops' implementations for ``x``'s
+    device (with the output spectrum in blocks of channels past
+    :data:`WHOLE_SPECTRUM_BYTES`). Where a gradient is needed it runs as the three ops."""
+    device = x.device
+    x_hat = to_spectrum.implementation(device)(x, in_size, fft_size)
+    rank = len(fft_size)
+    spectrum_bytes = x_hat.numel() // x_hat.shape[x_hat.dim() - rank - 1] * weight.shape[0] * x_hat.element_size()
+    if device.type == "cpu" and spectrum_bytes > WHOLE_SPECTRUM_BYTES:
+        return _conv_in_channel_blocks(x_hat, weight, bias, fft_size, dilation, shift, groups, out_size, stride,
+                                       out_dtype)
+    y_hat = spectral_mix.implementation(device)(x_hat, weight, fft_size, dilation, shift, groups)
+    del x_hat  # the input spectrum goes before the output is made
+    return from_spectrum.implementation(device)(y_hat, fft_size, out_size, stride, bias, out_dtype)
+
+
+def _conv_in_channel_blocks(x_hat, weight, bias, fft_size, dilation, shift, groups, out_size, stride,
+                            out_dtype) -> torch.Tensor:
+    """``spectral_mix`` and ``from_spectrum`` a block of output channels at a time (of about
+    :data:`fourier.BLOCK_BYTES` of spectrum), each block written into the output."""
+    rank = len(fft_size)
+    path = _mix_path(weight, x_hat, rank)
+    laid = _laid_weight(x_hat, weight, fft_size, dilation, shift, groups, path)
+    c_out = weight.shape[0]
+    out = torch.empty((*x_hat.shape[: x_hat.dim() - rank - 1], c_out, *out_size), dtype=out_dtype,
+                      device=x_hat.device)
+    channels = out.view(-1, c_out, *out_size)
+    per_channel = channels.shape[0] * x_hat.shape[x_hat.dim() - rank:].numel() * x_hat.element_size()
+    blocks = kernel_blocks(groups, c_out // groups, per_channel)
+    for first, y_hat in contraction.mix_blocks(x_hat, laid, groups, rank, path, blocks):
+        last = first + y_hat.shape[1]
+        block_bias = None if bias is None else bias[first:last]
+        channels[:, first:last] = from_spectrum.kernel(y_hat, fft_size, out_size, stride, block_bias, out_dtype)
+    return out
+
+
+@spectral_conv.register_fake
+def _(x, weight, bias, in_size, fft_size, dilation, shift, groups, out_size, stride, out_dtype):
+    batch = x.shape[: x.dim() - len(fft_size) - 1]
+    return x.new_empty((*batch, weight.shape[0], *out_size), dtype=out_dtype)
+
+
+def _spectral_conv_as_three_ops(x, weight, bias, in_size, fft_size, dilation, shift, groups, out_size, stride,
+                                out_dtype):
+    y_hat = spectral_mix(to_spectrum(x, in_size, fft_size), weight, fft_size, dilation, shift, groups)
+    return from_spectrum(y_hat, fft_size, out_size, stride, bias, out_dtype)
+
+
+spectral_conv.register_composite_autograd(_spectral_conv_as_three_ops)

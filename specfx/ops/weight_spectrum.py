@@ -10,11 +10,12 @@ circular padding means.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import weakref
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
-import numpy as np
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
@@ -219,14 +220,30 @@ class SpectrumCache:
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """``torch.equal(a, b)``, through NumPy's vectorized comparison on CPU where NumPy has
-    the dtype: 2–3x faster on this project's CPU (11 vs 31 µs for an 8x8x512 kernel)."""
-    if a.device.type == "cpu" and a.dtype in _NUMPY_DTYPES:
-        return bool(np.array_equal(a.numpy(), b.numpy()))
+    """Whether ``a`` and ``b`` (same shape, dtype and strides) hold the same values. On CPU
+    their bytes are compared with libc's ``memcmp``: equal bytes are equal values (a NaN
+    weight too), in one pass with no temporary. In a lowered 1D conv of ~0.7 ms (8x8x64
+    kernel, 2-core CPU) that is 0.05 ms less than NumPy's comparison of the values, and
+    ``torch.equal`` is slower than both."""
+    if _MEMCMP is not None and a.device.type == "cpu" and a.is_contiguous() and b.is_contiguous():
+        return _MEMCMP(a.data_ptr(), b.data_ptr(), a.numel() * a.element_size()) == 0
     return torch.equal(a, b)
 
 
-_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
+def _load_memcmp() -> Optional[Callable[[int, int, int], int]]:
+    """The C library's ``memcmp``, or ``None`` where no C library can be loaded."""
+    for name in (None, ctypes.util.find_library("c"), "msvcrt"):
+        try:
+            memcmp = ctypes.CDLL(name).memcmp
+        except (OSError, AttributeError, TypeError):
+            continue
+        memcmp.restype = ctypes.c_int
+        memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+        return memcmp
+    return None
+
+
+_MEMCMP = _load_memcmp()
 
 
 def _is_plain_tensor(t: torch.Tensor) -> bool:
