@@ -32,3 +32,14 @@ def assert_scaled_close(actual: torch.Tensor, expected: torch.Tensor, tol: float
     if scale is None:
         scale = expected.detach().abs().max().item() if expected.numel() else 0.0
     torch.testing.assert_close(actual, expected, rtol=0, atol=tol * max(scale, 1e-30))
+
+
+def term_scales(reference, inputs, upstream: torch.Tensor) -> list:
+    """For each tensor of ``inputs`` (``None`` entries stay ``None``), the largest magnitude
+    of the products its gradient through ``reference(*inputs)`` sums: the same gradient at
+    the inputs' absolute values for ``|upstream|``, which cannot cancel. The scale to pass
+    to :func:`assert_scaled_close` for gradients."""
+    magnitudes = [None if t is None else t.detach().abs().requires_grad_() for t in inputs]
+    present = [t for t in magnitudes if t is not None]
+    grads = iter(torch.autograd.grad(reference(*magnitudes), present, upstream.abs()))
+    return [None if t is None else next(grads).abs().max().item() for t in magnitudes]

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import specfx
-from conftest import SCALED_TOLERANCE, assert_scaled_close
+from conftest import SCALED_TOLERANCE, assert_scaled_close, term_scales
 from specfx.ops import contraction, fourier, spectral_ops
 
 FUNCTIONAL_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -63,10 +63,15 @@ def check_forward_backward(x, weight, bias, stride, padding, dilation, groups, p
     upstream = torch.randn_like(expected)
     grads = torch.autograd.grad(actual, leaves, upstream)
     ref_grads = torch.autograd.grad(expected, ref_leaves, upstream)
-    for name, g, ref in zip(("input", "weight", "bias"), grads, ref_grads):
+    # A weight or bias gradient sums products over the batch and every position, and a
+    # gradient of few elements can cancel to far below its terms: its error is measured
+    # against the terms' magnitude. The input gradient keeps its own scale.
+    _, *scales = term_scales(lambda *t: reference_conv(*t, stride, padding, dilation, groups, padding_mode),
+                             ref_leaves + [None] * (3 - len(ref_leaves)), upstream)
+    for name, g, ref, scale in zip(("input", "weight", "bias"), grads, ref_grads, [None, *scales]):
         assert g.dtype == ref.dtype, name
         assert g.shape == ref.shape, name
-        assert_scaled_close(g, ref)
+        assert_scaled_close(g, ref, scale=scale)
 
 
 # --- generated configurations ------------------------------------------------------------
