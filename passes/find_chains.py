@@ -12,7 +12,9 @@ consumer reads the producer. *Anchors* are the convs ``plan_convs`` lowered (fp3
 no spatial pre-padding); the ops between them that :func:`specfx.chains.classify`
 recognizes are *chainable*. The candidate region is every chainable node on a path from
 an anchor's output (stride 1 only: a strided conv can end a chain, not continue one) to
-an anchor's input; a chain is a connected component of anchors and region nodes.
+an anchor's input; a chain is a connected component of anchors and region nodes. A value
+an in-place write can be observed through (:func:`specfx.chains.observed_writes`) does
+not continue either, and an in-place op whose write is seen elsewhere is not chainable.
 
 **Placement.** Each node of a chain is labelled spectral (F) or spatial (S). An anchor is
 F (its channel contraction); a node outside the chain is S. Costs (``specfx.cost_model``
@@ -128,6 +130,7 @@ class Member:
     stride: tuple[int, ...] = ()
     circular: bool = False
     shape: Optional[cm.ConvShape] = None  # for convs
+    written: bool = False  # an in-place write into its output can be observed (ch.observed_writes)
 
     @property
     def name(self) -> str:
@@ -135,7 +138,9 @@ class Member:
 
     @property
     def continues(self) -> bool:
-        """Its output can stay a spectrum (stride 1)."""
+        """Its output can stay a spectrum: stride 1, and no observed in-place write into it."""
+        if self.written:
+            return False
         return all(s == 1 for s in self.stride) if self.op.kind in ("conv", "pool") else True
 
 
@@ -163,11 +168,15 @@ def _conv_member(gm: fx.GraphModule, node: fx.Node, op: ch.ChainOp, rank: int, a
                   tuple(dilation), tuple(left), tuple(stride), circular, shape)
 
 
-def _members(gm: fx.GraphModule, rank: int) -> tuple[dict[str, Member], dict[str, str]]:
+def _members(gm: fx.GraphModule, rank: int,
+             written: Optional[set[str]] = None) -> tuple[dict[str, Member], dict[str, str]]:
     """Every anchor and chainable op of spatial rank ``rank``; and why the lowered convs
-    that are not anchors were left out."""
+    that are not anchors were left out. ``written``: :func:`specfx.chains.observed_writes`
+    (computed if not given)."""
     members: dict[str, Member] = {}
     excluded: dict[str, str] = {}
+    if written is None:
+        written = ch.observed_writes(gm, rank)
     for node in gm.graph.nodes:
         plan = node.meta.get(node_meta.PLAN)
         if plan is not None and plan.lowered:
@@ -180,11 +189,15 @@ def _members(gm: fx.GraphModule, rank: int) -> tuple[dict[str, Member], dict[str
                 excluded[plan.name] = f"{g.pre_pad[0]} padding is done spatially before the transform"
             elif g.overlap_save is not None:
                 excluded[plan.name] = "blocked (overlap-save) lowering"
+            elif g.selection is not None:
+                # A chain's spectrum holds every sample; this conv's transform must not.
+                excluded[plan.name] = "it reads only some of its input's samples, selected before its transform"
             elif dtype not in ch.CHAIN_DTYPES or plan.out_dtype != dtype:
                 excluded[plan.name] = f"dtype {dtype}: chains run in fp32 or fp64"
             else:
                 member = _conv_member(gm, node, ch.ChainOp("conv", [site.input], site=site), rank, anchor=True)
                 if member is not None:
+                    member.written = node.name in written
                     members[node.name] = member
             continue
         op = ch.classify(gm, node, rank)
@@ -195,7 +208,8 @@ def _members(gm: fx.GraphModule, rank: int) -> tuple[dict[str, Member], dict[str
         if out is None or any(i is None for i in ins) or out[3] not in ch.CHAIN_DTYPES \
                 or any(i[3] != out[3] for i in ins):
             continue
-        if op.inplace and len(op.inputs[0].users) != 1:
+        # An in-place op is a chain op only where nothing else sees its write.
+        if op.inplace and op.inputs[0].name in written:
             continue
         if op.kind == "conv":
             if ch.direct_conv_ok(gm, op.site) is not None:
@@ -213,6 +227,7 @@ def _members(gm: fx.GraphModule, rank: int) -> tuple[dict[str, Member], dict[str
                 member.shape = cm.ConvShape(batch=batch, in_channels=channels, out_channels=channels,
                                             groups=channels, kernel_size=op.kernel, out_size=size,
                                             element_bytes=out[3].itemsize)
+        member.written = node.name in written
         members[node.name] = member
     return members, excluded
 
@@ -494,7 +509,7 @@ class ChainProblem:
                         out = masked
                 if not m.continues:
                     if not ch.fully_valid(out):
-                        return False, f"{n}: strided conv would read garbage at grid {grid}", masks
+                        return False, f"{n}: its output, read spatially, would not be exact at grid {grid}", masks
                     continue
                 states[n] = out
             elif kind == "act":
@@ -697,13 +712,14 @@ def find_chains(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                     if (p := n.meta.get(node_meta.PLAN)) is not None and p.lowered})
     count = 0
     for rank in ranks:
-        members, excluded = _members(gm, rank)
+        written = ch.observed_writes(gm, rank)
+        members, excluded = _members(gm, rank, written)
         comps = _components(gm, members, graph)
         poly_acts = {n: members[n] for c in comps for n in c
                      if members[n].op.kind == "act"} if settings.spectral_activation == "poly" else {}
         fits, poly_note = _fit_polys(gm, ctx, poly_acts, rank)
         for comp in comps:
-            decision = _decide(gm, ctx, comp, members, rank, fits, poly_note, f"chain{count}")
+            decision = _decide(gm, ctx, comp, members, rank, fits, poly_note, f"chain{count}", written)
             count += 1
             report.chains.append(decision)
             if decision.fused:
@@ -737,7 +753,7 @@ def _describe_ops(comp, members, labels, modes, masks) -> list[str]:
     return out
 
 
-def _decide(gm, ctx, comp, members, rank, fits, poly_note, name) -> ChainDecision:
+def _decide(gm, ctx, comp, members, rank, fits, poly_note, name, written) -> ChainDecision:
     settings = ctx.settings
     anchors = [n for n in comp if members[n].anchor]
     conv_names = [members[n].plan.name for n in anchors]
@@ -797,6 +813,12 @@ def _decide(gm, ctx, comp, members, rank, fits, poly_note, name) -> ChainDecisio
         reason = "policy='always'"
     if poly_note:
         reason += f"; poly not used: {poly_note}"
+    # A BatchNorm module is an affine map only in eval mode: in training mode the chain
+    # runs its original ops (ch.chain_outputs), which need a copy of them made now.
+    modal = [str(members[n].node.target) for n in spectral_ops
+             if members[n].op.bn is not None and members[n].node.op == "call_module"]
+    if modal:
+        reason += "; in training mode it runs its original ops (BatchNorm)"
     activations = []
     poly_plans = {}
     for n in comp:
@@ -825,7 +847,10 @@ def _decide(gm, ctx, comp, members, rank, fits, poly_note, name) -> ChainDecisio
                                                       if members[n].op.kind == "act"},
                         poly=poly_plans, masks=list(best.masks), sizes=sizes,
                         ops={n: members[n].op for n in spectral_ops},
-                        inline_device=_device(members[anchors[0]].node) if ctx.report.frontend == "dynamo" else None)
+                        inline_device=_device(members[anchors[0]].node) if ctx.report.frontend == "dynamo" else None,
+                        ends=frozenset(n for n in anchors if not members[n].continues),
+                        written=frozenset(t.name for t in problem.read_tensors() if t.name in written),
+                        modal=modal, original=ch.original_region(gm, anchors + spectral_ops) if modal else None)
     # The convs of a fused chain are lowered onto its grid.
     for n in anchors:
         conv_plan = members[n].plan

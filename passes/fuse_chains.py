@@ -18,18 +18,32 @@ bias, a BatchNorm), folded into the next op that takes one:
 
 A spectral tensor that is also read spatially (by an op outside the chain, or as an
 output) is materialized once with ``from_spectrum``; a spatial tensor read by spectral
-ops is transformed once with ``to_spectrum``. The replaced spatial ops are erased.
-Afterwards the report's ``transforms`` counts the transforms the graph runs.
+ops is transformed once with ``to_spectrum`` (where each reader reads it, if an in-place
+write into it can be observed). The replaced spatial ops are erased. Afterwards the
+report's ``transforms`` counts the transforms the graph runs.
+
+The plan names nodes of the graph ``find_chains`` saw, before lowering: a conv's node
+(the chain's own, or one outside it that a chain op reads) is gone by now, and stands
+for the node carrying its name as ``specfx_replaces`` (its ``from_spectrum``, or an
+earlier chain's materialized value), which is where every new node reads it.
+
+A chain whose BatchNorm modules are affine maps only in eval mode keeps its original
+ops too: every spatial value the chain produces is read through
+:func:`specfx.chains.chain_outputs`, which, while such a module is in training mode,
+returns what the original ops compute instead (a copy of them, a submodule without
+parameters of its own, run in stages where the chain's values are read).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from typing import Optional, Union
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 from specfx import chains as ch
@@ -37,6 +51,7 @@ from specfx import node_meta
 from specfx.canonical import bind_schema, conv_site, tensor_info, weight_value
 from specfx.capture import _keep_buffers_non_persistent_on_copy
 from specfx.pipeline import PassContext
+from specfx.side_effects import eliminate_dead_code
 
 OPS = torch.ops.specfx
 CHAIN = "specfx_chain"  # node meta: the chain a node was added for
@@ -74,22 +89,38 @@ class _Rewriter:
         self.rank = plan.rank
         self.values: dict[str, Value] = {}
         self.forward: dict[str, fx.Node] = {}
-        self.alias: dict[str, str] = {}     # a lowered conv's from_spectrum -> the conv's name
         self.masks = set(plan.masks)
         self.spectral = set(plan.spectral)
         self.erase: list[fx.Node] = []
         self.buffers = 0
-        self.live: dict[str, fx.Node] = {}  # a lowered conv's name -> its from_spectrum
+        self.by_name = {n.name: n for n in self.graph.nodes}
+        self.replaced = {n.meta[node_meta.REPLACES]: n for n in self.graph.nodes if node_meta.REPLACES in n.meta}
+        self.materialized: dict[str, fx.Node] = {}  # a spectral op -> its from_spectrum
 
     # helpers ------------------------------------------------------------------------------
     def name_of(self, node: fx.Node) -> str:
-        return self.alias.get(node.name, node.name)
+        """The name the plan knows ``node``'s value by."""
+        return node.meta.get(node_meta.REPLACES, node.name)
+
+    def current(self, node: fx.Node) -> fx.Node:
+        """The node of this graph that holds the value of the plan's ``node``."""
+        if self.by_name.get(node.name) is node:
+            return node
+        if node.name in self.replaced:
+            return self.replaced[node.name]
+        raise RuntimeError(f"specfx: fuse_chains found no node for {node.name!r} (chain {self.plan.name})")
 
     def size(self, node: fx.Node) -> list[int]:
         return list(self.plan.sizes[self.name_of(node)])
 
     def add(self, target, args, kwargs=None, source: Optional[fx.Node] = None) -> fx.Node:
-        node = self.graph.call_function(target, tuple(args), kwargs or {})
+        return self._mark(self.graph.call_function(target, tuple(args), kwargs or {}), source)
+
+    def attr(self, path: str) -> fx.Node:
+        """A ``get_attr`` node added for the chain."""
+        return self._mark(self.graph.get_attr(path), None)
+
+    def _mark(self, node: fx.Node, source: Optional[fx.Node]) -> fx.Node:
         node.meta[node_meta.LOWERED_FROM] = self.plan.name
         node.meta[CHAIN] = self.plan.name
         if source is not None and "nn_module_stack" in source.meta:
@@ -115,6 +146,8 @@ class _Rewriter:
             return float(value)
         if isinstance(value, str):
             value = self.graph.get_attr(value)
+        else:
+            value = self.current(value)
         return self.add(torch.reshape, (value, (-1,)))
 
     def arg(self, value, what: str) -> Optional[fx.Node]:
@@ -149,9 +182,11 @@ class _Rewriter:
         key = self.name_of(u)
         if key in self.values:
             return self.values[key]
+        if key in self.plan.written:
+            return Value(self.add(OPS.to_spectrum.default, (self.current(u), self.size(u), self.grid), source=u))
         if key not in self.forward:
-            u = self.live.get(key, u)
-            self.forward[key] = self.add(OPS.to_spectrum.default, (u, self.size(u), self.grid), source=u)
+            self.forward[key] = self.add(OPS.to_spectrum.default, (self.current(u), self.size(u), self.grid),
+                                         source=u)
         return Value(self.forward[key])
 
     def plain(self, value: Value, size: list[int], mask: bool, source: fx.Node) -> fx.Node:
@@ -178,7 +213,7 @@ class _Rewriter:
                 owner, _, attr = w.rpartition(".")
                 return self.add(getattr, (self.graph.get_attr(owner), attr))
             return self.graph.get_attr(w)
-        return w
+        return self.current(w)
 
     # the rewrite ---------------------------------------------------------------------------
     def run(self) -> None:
@@ -187,8 +222,6 @@ class _Rewriter:
         for conv, nodes in lowered.items():
             if {"to", "mix", "from"} - set(nodes):
                 raise RuntimeError(f"specfx: fuse_chains found no lowered ops for conv {conv!r}")
-            self.alias[nodes["from"].name] = conv
-            self.live[conv] = nodes["from"]
             by_mix[nodes["mix"]] = conv
         for node in list(self.graph.nodes):
             if node in by_mix:
@@ -203,6 +236,11 @@ class _Rewriter:
             if node.users:
                 raise RuntimeError(f"specfx: fuse_chains left {node.name} with users {list(node.users)}")
             self.graph.erase_node(node)
+        if self.plan.modal:
+            outputs = [(c, nodes["from"]) for c, nodes in lowered.items() if nodes["from"].users]
+            outputs += list(self.materialized.items())
+            order = {n: k for k, n in enumerate(self.graph.nodes)}
+            self.training_fallback(sorted(outputs, key=lambda item: order[item[1]]))
 
     def conv(self, conv: str, nodes: dict[str, fx.Node]) -> None:
         to_c, mix_c, from_c = nodes["to"], nodes["mix"], nodes["from"]
@@ -212,12 +250,14 @@ class _Rewriter:
             if key in self.values:
                 spectrum = self.plain(self.values[key], self.size(x), (conv, key) in self.masks, mix_c)
                 mix_c.replace_input_with(to_c, spectrum)
-            elif key in self.forward:
-                mix_c.replace_input_with(to_c, self.forward[key])
-            else:
-                self.forward[key] = to_c
-        bias = bind_schema(from_c.target, from_c.args, from_c.kwargs)["bias"]
-        self.values[conv] = Value(mix_c, None, bias)
+            elif key not in self.plan.written:  # (a written value keeps the conv's own transform)
+                if key in self.forward:
+                    mix_c.replace_input_with(to_c, self.forward[key])
+                else:
+                    self.forward[key] = to_c
+        if conv not in self.plan.ends:
+            bias = bind_schema(from_c.target, from_c.args, from_c.kwargs)["bias"]
+            self.values[conv] = Value(mix_c, None, bias)
 
     def op(self, node: fx.Node) -> None:
         op = self.plan.ops[node.name]
@@ -238,7 +278,7 @@ class _Rewriter:
                 value = Value(out)
             elif op.kind == "affine":
                 v = self.spectrum(op.inputs[0])
-                scale, shift = self.affine_terms(op, node)
+                scale, shift = self.affine_terms(op, node, v.node)
                 shifted = None if v.shift is None else self.mul(v.shift, scale)  # (a·s + b)·scale + shift
                 value = Value(v.node, self.mul(v.scale, scale), self.plus(shifted, shift))
             elif op.kind == "add":
@@ -264,6 +304,8 @@ class _Rewriter:
                     bias = site.bias
                     if isinstance(bias, str):
                         bias = self.graph.get_attr(bias)
+                    elif bias is not None:
+                        bias = self.current(bias)
                     groups, shift = site.groups, [p[0] for p in pads]
                 else:
                     channels = self.plan_channels(x)
@@ -280,29 +322,20 @@ class _Rewriter:
     def plan_channels(self, node: fx.Node) -> int:
         return int(ch.node_rows_and_size(node, self.rank)[1])
 
-    def affine_terms(self, op: ch.ChainOp, node: fx.Node):
-        """``(scale, shift)`` of an affine op, computed in the graph from its parameters.
+    def affine_terms(self, op: ch.ChainOp, node: fx.Node, spectrum: fx.Node):
+        """``(scale, shift)`` of an affine op (applied to ``spectrum``), computed in the
+        graph from its parameters.
 
-        A BatchNorm module is evaluated on two constant probes (0 and 1024, exact in
-        every float type): ``shift = bn(0)``, ``scale = (bn(1024) − bn(0)) / 1024``. Its
-        running statistics are buffers, which ``symbolic_trace`` does not trace through:
-        arithmetic on them would be frozen into constants by a second capture, while the
-        module call stays a call (and follows ``load_state_dict``)."""
+        A BatchNorm module's come from :func:`specfx.chains.batch_norm_affine`, a call
+        that reads the module when it runs. Its running statistics are buffers, which
+        ``symbolic_trace`` does not trace through: arithmetic on them in this graph would
+        be frozen into constants by a second capture, while the call stays a call (and
+        follows ``load_state_dict``)."""
         if op.bn is None:
             return self.vector(op.scale), self.vector(op.shift)
         if node.op == "call_module":
-            channels = self.plan_channels(node)
-            shape = (1, channels) + (1,) * self.rank
-            # (each probe fetched right before its use, where a capture of this graph puts it)
-            zero = self.buffer(torch.zeros(shape, dtype=self.plan.dtype), f"{node.name}_probe0")
-            at_zero = self.graph.call_module(node.target, (zero,))
-            big = self.buffer(torch.full(shape, 1024.0, dtype=self.plan.dtype), f"{node.name}_probe1")
-            at_big = self.graph.call_module(node.target, (big,))
-            for probe in (at_zero, at_big):
-                probe.meta[node_meta.LOWERED_FROM] = self.plan.name
-                probe.meta[CHAIN] = self.plan.name
-            scale = self.add(torch.div, (self.add(torch.sub, (at_big, at_zero)), 1024.0))
-            return self.vector(scale), self.vector(at_zero)
+            terms = self.add(ch.batch_norm_affine, (self.attr(str(node.target)), spectrum), source=node)
+            return self.add(operator.getitem, (terms, 1)), self.add(operator.getitem, (terms, 0))
         weight, bias, mean, var, eps = op.bn
         weight, bias, mean, var = (self.vector(v) for v in (weight, bias, mean, var))
         inv_std = self.add(torch.rsqrt, (self.add(torch.add, (var, eps)),))
@@ -317,8 +350,7 @@ class _Rewriter:
                 op = self.plan.ops[user.name]
                 return any(self.name_of(i) == node.name for i in op.inputs) \
                     and not any(a is node for a in _non_chain_args(user, op, self))
-            return user.target is OPS.to_spectrum.default and any(
-                user in nodes for nodes in [self._lowered_to()])
+            return user.target is OPS.to_spectrum.default and user in self._lowered_to()
 
         spatial = [u for u in node.users if not spectral_reader(u)]
         if not spatial:
@@ -330,6 +362,7 @@ class _Rewriter:
                      (x, self.grid, size, [1] * self.rank, self.arg(value.shift, "shift"), self.plan.dtype),
                      source=node)
         y.meta[node_meta.REPLACES] = node.name
+        self.materialized[node.name] = y
         for user in spatial:
             user.replace_input_with(node, y)
 
@@ -337,6 +370,55 @@ class _Rewriter:
         if not hasattr(self, "_to_nodes"):
             self._to_nodes = {ch.lowered_nodes(self.gm, c).get("to") for c in self.plan.convs}
         return self._to_nodes
+
+
+    def training_fallback(self, outputs: list[tuple[str, fx.Node]]) -> None:
+        """Read each of the chain's spatial ``outputs`` (``(node name in the plan, node)``,
+        in graph order) through :func:`specfx.chains.chain_outputs`, with the original
+        ops that compute it, from ``plan.original``, as a stage of their own.
+
+        A stage runs right after its output is computed: what the chain's ops read from
+        outside (an op outside the chain may read an earlier output, and feed a later
+        op) is all there by then. The ops a stage runs are those its output needs that
+        no earlier stage ran; a value a later stage needs is returned with its output
+        (so that every op, a BatchNorm's running-statistic update among them, runs once)."""
+        region = self.plan.original
+        copies = {n.meta["specfx_member"]: n for n in region.nodes if "specfx_member" in n.meta}
+        done: dict[fx.Node, fx.Node] = {}  # an op of the region -> its value from an earlier stage
+        for k, (name, output) in enumerate(outputs):
+            target = copies[name]
+            needed, stack = set(), [target]
+            while stack:
+                n = stack.pop()
+                if n not in needed and n not in done and n.op != "placeholder":
+                    needed.add(n)
+                    stack += n.all_input_nodes
+            body = [n for n in region.nodes if n in needed]
+            later = {copies[name] for name, _ in outputs[k + 1:]}
+            later |= {i for n in region.nodes if n not in needed and n not in done for i in n.all_input_nodes}
+            results = [target] + [n for n in body if n is not target and n in later]
+            inputs = list(dict.fromkeys(i for n in body for i in n.all_input_nodes if i not in needed))
+            stage = fx.Graph()
+            env = {i: stage.placeholder(i.name) for i in inputs}
+            for n in body:
+                env[n] = stage.node_copy(n, env.__getitem__)
+            stage.output(tuple(env[n] for n in results))
+            path = f"_specfx_{self.plan.name}_original{k}"
+            while hasattr(self.gm, path):
+                path += "_"
+            self.gm.add_submodule(path, fx.GraphModule(nn.Module(), stage, path.lstrip("_")))
+            with self.graph.inserting_before(output.next):
+                # (module operands fetched in the order a capture of this graph fetches them)
+                modal = tuple(self.attr(m) for m in self.plan.modal)
+                original = self.attr(path)
+                args = tuple(done[i] if i in done else self.attr(i.meta["specfx_module"])
+                             if "specfx_module" in i.meta else self.current(i.meta["specfx_source"])
+                             for i in inputs)
+                fused = (output,) + (None,) * (len(results) - 1)
+                chosen = self.add(ch.chain_outputs, (modal, original, fused, args))
+                values = [self.add(operator.getitem, (chosen, j)) for j in range(len(results))]
+            output.replace_all_uses_with(values[0], delete_user_cb=lambda user: user is not chosen)
+            done.update(zip(results, values))
 
 
 def _non_chain_args(user: fx.Node, op: ch.ChainOp, rewriter: "_Rewriter") -> list[fx.Node]:
@@ -376,7 +458,7 @@ def fuse_chains(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         # report (which the optimized module carries, and copies and pickles).
         decision.plan = None
     if modified:
-        gm.graph.eliminate_dead_code()
+        eliminate_dead_code(gm)
         # The chain's constants are non-persistent buffers: keep them so in copies.
         _keep_buffers_non_persistent_on_copy(gm)
         _rename_added_nodes(gm.graph)

@@ -119,6 +119,9 @@ def _plan(gm: fx.GraphModule, site: ConvSite, ctx: PassContext) -> tuple[ConvDec
         return keep(f"not lowerable: {err}")
 
     batch = math.prod(optimization_hint(d) for d in in_shape[: len(in_shape) - site.rank - 1])
+    # The plan serves every batch size (the grid depends on the spatial size alone), so an
+    # empty example batch is costed as a batch of one rather than decided on zero work.
+    batch = max(batch, 1)
     val = site.input.meta.get("val")
     channels_last = isinstance(val, torch.Tensor) and val.dim() == 4 and not val.is_contiguous() \
         and val.is_contiguous(memory_format=torch.channels_last)
@@ -126,19 +129,24 @@ def _plan(gm: fx.GraphModule, site: ConvSite, ctx: PassContext) -> tuple[ConvDec
                       groups=site.groups, kernel_size=tuple(kernel), out_size=geometry.out_size,
                       element_bytes=dtype.itemsize, channels_last=channels_last)
     cost = estimate(shape, geometry, ctx.settings.profile)
-    if site.rank == 1 and len(in_shape) == 3 and site.padding_mode == "zeros" and site.stride == [1]:
+    if site.rank == 1 and site.padding_mode == "zeros" and site.stride == [1] and geometry.selection is None:
         geometry, cost = _cheapest_blocking(shape, in_shape[-1], pads[0], site.dilation[0], geometry, cost,
                                             ctx.settings.profile)
     policy = ctx.settings.policy
     if policy == "never":
         return keep("policy='never'", cost)
     if policy == "measure":
-        cost = _measure(gm, site, in_shape, dtype, w_shape, pads, geometry, cost)
+        timed_shape = (batch, *in_shape[-site.rank - 1:])
+        cost = _measure(gm, site, timed_shape, dtype, w_shape, pads, geometry, cost)
         direct_ms, fft_ms = cost.measured_direct_ms, cost.measured_fft_ms
         if fft_ms >= direct_ms:
             return keep(f"direct conv measured faster ({direct_ms:.3g} ms vs {fft_ms:.3g} ms)", cost)
         reason = f"FFT measured {direct_ms / fft_ms:.1f}x faster ({fft_ms:.3g} ms vs {direct_ms:.3g} ms)"
     elif policy == "auto":
+        if geometry.skips_phases:
+            return keep("the kernel is shorter than its stride (after their common factor with the dilation): "
+                        "the conv never reads whole phases of its input, which its transform would carry as "
+                        "zeros; a direct conv computes it with fewer operations than the transform alone", cost)
         if not shape.depthwise and max(kernel) <= SMALL_DENSE_KERNEL and cost.speedup < SMALL_DENSE_MARGIN:
             return keep(f"dense kernel ≤ {SMALL_DENSE_KERNEL}: direct conv libraries are faster there "
                         f"(the FFT would need to be estimated ≥ {SMALL_DENSE_MARGIN:g}x faster)", cost)

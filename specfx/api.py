@@ -11,14 +11,14 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from .capture import capture, check_frontend, run_module
-from .chains import approximate, output_error
+from .capture import capture, check_frontend, fresh_inputs, run_module
+from .chains import approximate
 from .cost_model import CostProfile, profile_for_device
 from .errors import ExampleInputError
 from .pipeline import PassContext, Settings, run_pipeline
 from .report import Report
-from .verify import check_tolerance
-from .verify import verify as verify_graphs
+from .verify import check_tolerance, measured_error
+from .verify import verify as verify_against
 
 ExampleInputs = Union[torch.Tensor, Sequence[Any]]
 
@@ -37,12 +37,13 @@ def _describe_inputs(inputs: tuple) -> str:
 
 
 def _prepare(model: nn.Module, example_inputs: ExampleInputs, frontend: str) -> tuple[nn.Module, tuple]:
-    """A private copy of ``model``, checked to run on the example inputs (after the
-    arguments are checked, so that a typo fails before any work)."""
+    """A private copy of ``model`` and of the example inputs, checked to run on them (after
+    the arguments are checked, so that a typo fails before any work). The caller's tensors
+    are never run on: each run gets its own copy of the private ones."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_frontend(frontend)
-    inputs = _as_tuple(example_inputs)
+    inputs = fresh_inputs(_as_tuple(example_inputs))
     work = copy.deepcopy(model)
     try:
         run_module(work, inputs)
@@ -60,6 +61,27 @@ def input_device(inputs: Sequence[Any]) -> torch.device:
         if isinstance(leaf, torch.Tensor):
             return leaf.device
     return torch.device("cpu")
+
+
+def _on_meta(inputs: tuple) -> bool:
+    return any(isinstance(leaf, torch.Tensor) and leaf.is_meta for leaf in pytree.tree_leaves(list(inputs)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _ReportOnCopy:
+    """Deep-copy hook: ``copy.deepcopy`` of a ``GraphModule`` keeps only its graph, modules
+    and a few hook lists, so the copy gets its own copy of the report here. (A class, not a
+    closure, so the module still pickles.)"""
+
+    report: Report
+
+    def __call__(self, copied: fx.GraphModule) -> None:
+        copied.specfx_report = copy.deepcopy(self.report)
+
+
+def _attach_report(gm: fx.GraphModule, report: Report) -> None:
+    gm.specfx_report = report
+    gm._register_deepcopy_hook(_ReportOnCopy(report))
 
 
 def _snapshot(gm: fx.GraphModule) -> fx.GraphModule:
@@ -84,9 +106,13 @@ def optimize(model: nn.Module, example_inputs: ExampleInputs, *, policy: str = "
         policy: ``"auto"`` (the cost model decides per conv), ``"measure"`` (time both
             paths of each conv on its real shapes, and keep the faster), ``"always"``
             (lower every conv that can be lowered) or ``"never"`` (rewrite nothing).
-        verify: run the original and the optimized module on ``example_inputs`` and raise
-            :class:`specfx.VerificationError`, naming the first diverging node, if they
-            differ beyond tolerance.
+        verify: run ``model`` itself and the optimized module on copies of
+            ``example_inputs`` and raise :class:`specfx.VerificationError`, naming the first
+            diverging node, if they differ beyond tolerance and the optimized module is
+            measurably less accurate than ``model`` against a float64 run of ``model``
+            (that judgement applies to the default tolerances, not to ``verify_tol``).
+            Inputs on the meta device have no values: the result is then not verified (the
+            report says so).
         verify_tol: error accepted, relative to each output's largest magnitude
             (default per dtype: fp64 1e-10, fp32 1e-4, fp16 1e-2, bf16 5e-2).
         frontend: ``"auto"`` (``symbolic_trace``, then ``export``), or one of them.
@@ -115,12 +141,18 @@ def optimize(model: nn.Module, example_inputs: ExampleInputs, *, policy: str = "
     gm, frontend_used = capture(work, inputs, frontend, notes)
     reference = _snapshot(gm)
     report = Report(frontend=frontend_used, policy=policy, capture_notes=notes)
-    gm = run_pipeline(gm, PassContext(settings, report, inputs), PIPELINE)
-    if approximate(report):
-        report.output_error = output_error(reference, gm, inputs)
+    gm = run_pipeline(gm, PassContext(settings, report, fresh_inputs(inputs)), PIPELINE)
+    if _on_meta(inputs):
+        if verify and report.lowered:
+            report.verification_notes.append("not verified: the example inputs are on the meta device")
+    elif approximate(report):
+        report.output_error = measured_error(model, gm, inputs)
     elif verify and report.lowered:
-        report.verified_error, report.verified_tolerance = verify_graphs(reference, gm, inputs, verify_tol)
-    gm.specfx_report = report
+        verified = verify_against(model, reference, gm, inputs, verify_tol)
+        report.verified_error, report.verified_tolerance = verified.error, verified.tolerance
+        if verified.note is not None:
+            report.verification_notes.append(verified.note)
+    _attach_report(gm, report)
     return gm
 
 
@@ -137,5 +169,5 @@ def explain(model: nn.Module, example_inputs: ExampleInputs, *, policy: str = "a
     notes: list[str] = []
     gm, frontend_used = capture(work, inputs, frontend, notes)
     report = Report(frontend=frontend_used, policy=policy, applied=False, capture_notes=notes)
-    run_pipeline(gm, PassContext(settings, report, inputs), PIPELINE, analysis_only=True)
+    run_pipeline(gm, PassContext(settings, report, fresh_inputs(inputs)), PIPELINE, analysis_only=True)
     return report

@@ -18,8 +18,9 @@ as in :func:`specfx.optimize`, except that Dynamo hands the backend fake example
 so ``spectral_activation="poly"`` can only use polynomials it need not fit (the square);
 other activations stay exact, with the reason in the report.
 
-Each compiled graph's :class:`~specfx.report.Report` is kept in this process (see
-:func:`compiled_reports`), and with ``TORCH_TRACE`` set its graph diff is written to the
+The :class:`~specfx.report.Report` of each compiled graph is kept in this process, the
+most recent :data:`MAX_COMPILED_REPORTS` of them (see :func:`compiled_reports` and
+:func:`clear_compiled_reports`), and with ``TORCH_TRACE`` set its graph diff is written to the
 trace as the artifact ``specfx_graph_diff`` (readable with ``tlparse``).
 
 Shapes: a conv is lowered only where its channel and spatial sizes are concrete in the
@@ -34,6 +35,7 @@ agrees with eager to that dtype's precision.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import difflib
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -49,13 +51,25 @@ from .report import Report
 
 TRACE_ARTIFACT = "specfx_graph_diff"
 
-_REPORTS: list[Report] = []
+MAX_COMPILED_REPORTS = 100
+"""How many reports :func:`compiled_reports` keeps: a long-running process that compiles
+(and recompiles) graphs must not keep every report it ever made."""
+
+_REPORTS: collections.deque[Report] = collections.deque(maxlen=MAX_COMPILED_REPORTS)
 
 
 def compiled_reports() -> list[Report]:
-    """The report of every graph the ``"specfx"`` backend compiled in this process, in
-    compile order. Each report's ``capture_notes`` name the graph (its Dynamo compile id)."""
+    """The reports of the graphs the ``"specfx"`` backend compiled in this process, in
+    compile order: the most recent :data:`MAX_COMPILED_REPORTS` since the last
+    :func:`clear_compiled_reports`. Each report's ``capture_notes`` name the graph (its
+    Dynamo compile id)."""
     return list(_REPORTS)
+
+
+def clear_compiled_reports() -> None:
+    """Forget the reports kept so far; :func:`compiled_reports` then lists only graphs
+    compiled after this call."""
+    _REPORTS.clear()
 
 
 def settings_from_options(options: Optional[Mapping[str, Any]]) -> Settings:

@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
+import sys
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.utils._pytree as pytree
 from torch.fx.passes.shape_prop import ShapeProp
 
+from . import guards
 from .errors import CaptureError
 
 FRONTENDS = ("symbolic_trace", "export")
@@ -40,6 +44,21 @@ def preserved_state(module: nn.Module, seed: int = 0) -> Iterator[None]:
             with torch.no_grad():
                 for tensor, value in zip(tensors, saved):
                     tensor.copy_(value)
+
+
+def fresh_inputs(inputs: Any) -> Any:
+    """A copy of ``inputs`` with every tensor cloned (strides, ``requires_grad`` kept).
+
+    Every run specfx makes of a model gets its own copy: a forward that writes into its
+    input (``x.mul_(2)``) would otherwise change the caller's tensors, and each later run
+    would start from the changed values.
+    """
+    def clone(leaf: Any) -> Any:
+        if not isinstance(leaf, torch.Tensor):
+            return leaf
+        return leaf.detach().clone().requires_grad_(leaf.requires_grad)
+
+    return pytree.tree_map(clone, inputs)
 
 
 def _keep_module_tree(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
@@ -79,19 +98,66 @@ def _keep_buffers_non_persistent_on_copy(gm: fx.GraphModule) -> None:
 
 class _Tracer(fx.Tracer):
     """``symbolic_trace``'s tracer, keeping the input guards of a module captured by export
-    (being optimized again) as one call, so that they still explain themselves."""
+    (being optimized again) as one call, so that they still explain themselves, and the
+    call-time checks of lowered convs (:mod:`specfx.guards`) as calls, since they branch on
+    shapes."""
+
+    def __init__(self) -> None:
+        super().__init__(autowrap_functions=guards.CHECKS)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, InputGuards) or super().is_leaf_module(m, module_qualified_name)
 
 
+def _unmark_checks(graph: fx.Graph) -> None:
+    """The tracer marks the checks it kept as calls, and the code of a marked node declares
+    it wrapped for later traces: _Tracer wraps them anyway, and the code of a lowered module
+    traced again then reads as it did."""
+    for node in graph.nodes:
+        if node.target in guards.CHECKS:
+            node.meta.pop("is_wrapped", None)
+
+
 def _symbolic_trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
-    tracer = _Tracer()
-    graph = tracer.trace(model)
-    gm = _keep_module_tree(fx.GraphModule(tracer.root, graph, type(model).__name__), model)
-    with preserved_state(gm), torch.no_grad():
-        ShapeProp(gm).propagate(*example_inputs)
+    # fx writes its own account of a failure to stderr before raising (ShapeProp prints the
+    # whole traceback; a GraphModule inside the model prints its generated code), which for
+    # a model that export then captures is a page of noise: the failure belongs in the
+    # capture notes. So stderr is held while tracing (process-wide, as sys.stderr is) and
+    # passed on only if the trace succeeds; when it fails, the next front end runs the
+    # model again and its own output with it.
+    held = io.StringIO()
+    with contextlib.redirect_stderr(held):
+        tracer = _Tracer()
+        graph = tracer.trace(model)
+        _unmark_checks(graph)
+        gm = _keep_module_tree(fx.GraphModule(tracer.root, graph, type(model).__name__), model)
+        with preserved_state(gm), torch.no_grad():
+            _propagate_shapes(gm, fresh_inputs(example_inputs))
+    sys.stderr.write(held.getvalue())
     return gm
+
+
+class _ShapeProp(ShapeProp):
+    """``ShapeProp`` that remembers the node it is running, to name the one that fails."""
+
+    node: Optional[fx.Node] = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.node = n
+        return super().run_node(n)
+
+
+def _propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
+    """``ShapeProp`` on ``gm``, failing with the node that failed and its error (ShapeProp's
+    own error spells out the node's whole ``meta``, and hides the error in its cause)."""
+    interpreter = _ShapeProp(gm)
+    try:
+        interpreter.propagate(*example_inputs)
+    except Exception as err:
+        failed = interpreter.node.name if interpreter.node is not None else "?"
+        cause = err.__cause__ if isinstance(err.__cause__, Exception) else err
+        raise RuntimeError(f"the traced graph failed at node {failed}: {type(cause).__name__}: "
+                           f"{_first_line(cause)}") from err
 
 
 def _batch_dynamic_shapes(example_inputs: tuple) -> tuple:
@@ -181,6 +247,7 @@ def _first_line(err: BaseException) -> str:
 
 
 def run_module(module: nn.Module, example_inputs: tuple) -> Any:
-    """``module(*example_inputs)`` without gradients or lasting side effects."""
+    """``module(*example_inputs)`` without gradients or lasting side effects (on a copy
+    of the inputs)."""
     with preserved_state(module), torch.no_grad():
-        return module(*example_inputs)
+        return module(*fresh_inputs(example_inputs))

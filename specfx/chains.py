@@ -65,9 +65,11 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import handle_torch_function, has_torch_function
 
 from . import node_meta
 from .canonical import ConvSite, bind_schema, conv_site, tensor_info
+from .side_effects import written_operands
 from .geometry import expand, resolve_padding
 
 aten = torch.ops.aten
@@ -376,6 +378,61 @@ def direct_conv_ok(gm: fx.GraphModule, site: ConvSite) -> Optional[str]:
     return None
 
 
+# --- in-place writes -----------------------------------------------------------------------
+#
+# A chain keeps a tensor as a spectrum from where it is produced to where its chain readers
+# read it. An in-place write into that tensor (or into a view of it) in between would be
+# lost on the spectrum, and a write that only the in-place op's own result should see
+# (``relu_(y)`` while ``y`` is read elsewhere) would be invisible. So a value that some
+# write can be observed through never continues as a spectrum.
+
+def _alias_sources(gm: fx.GraphModule, node: fx.Node, rank: int) -> list[fx.Node]:
+    """The values whose memory ``node``'s result may share: none for ops known to return a
+    fresh tensor (convs, the chain ops but crops, operators whose schema returns no alias),
+    the written operand for an in-place op, every input for anything else."""
+    if node.op in ("placeholder", "get_attr", "output"):
+        return []
+    written = written_operands(gm, node)
+    if written:
+        return written
+    schema = getattr(node.target, "_schema", None)
+    if node.op == "call_function" and schema is not None:
+        return node.all_input_nodes if any(r.alias_info is not None for r in schema.returns) else []
+    if conv_site(gm, node) is not None:
+        return []
+    op = classify(gm, node, rank)
+    if op is not None and op.kind != "slice":
+        return []
+    return node.all_input_nodes
+
+
+def observed_writes(gm: fx.GraphModule, rank: int) -> set[str]:
+    """Names of the values an in-place write can be observed through: every value sharing
+    memory with a written operand, when anything but the writer reads one of them.
+
+    ``z = relu_(y)`` with ``y`` read by nothing else is just ``z = relu(y)``: ``y`` is not
+    listed. With ``y`` read elsewhere too (before or after the write: either way the
+    reader depends on where the write happens), ``y`` and its views are."""
+    sources = {n: _alias_sources(gm, n, rank) for n in gm.graph.nodes}
+    views: dict[fx.Node, list[fx.Node]] = {n: [] for n in gm.graph.nodes}
+    for node, shared in sources.items():
+        for s in shared:
+            views[s].append(node)
+    observed: set[str] = set()
+    for writer in gm.graph.nodes:
+        for target in written_operands(gm, writer):
+            group, stack = set(), [target]
+            while stack:
+                value = stack.pop()
+                if value in group or value is writer:
+                    continue
+                group.add(value)
+                stack += sources[value] + views[value]
+            if any(u is not writer and u not in group for value in group for u in value.users):
+                observed |= {value.name for value in group}
+    return observed
+
+
 # --- exactness analysis ------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -548,6 +605,87 @@ class ChainPlan:
     # or, in Dynamo graphs (whose parameters are all inputs), constants made in the graph
     # on this device.
     inline_device: Optional[str] = None
+    # Convs whose output does not continue as a spectrum (strided, or written in place):
+    # a chain op that reads one reads it spatially.
+    ends: frozenset[str] = frozenset()
+    # Values the chain reads that an in-place write can be observed through: each reader
+    # transforms them where it reads them (a transform shared with an earlier reader could
+    # predate the write).
+    written: frozenset[str] = frozenset()
+    # Modules (paths) whose frequency-domain form holds in eval mode only (BatchNorm
+    # modules); while one is in training mode the chain runs ``original`` instead.
+    modal: list[str] = dataclasses.field(default_factory=list)
+    original: Optional[fx.Graph] = None  # from original_region
+
+
+def original_region(gm: fx.GraphModule, names: list[str]) -> fx.Graph:
+    """The nodes ``names`` of ``gm`` (in graph order) copied into a graph of their own
+    (each copy's meta ``specfx_member`` names its node), for the chain's training-mode
+    fallback. Whatever they read from outside becomes a
+    placeholder, whose meta ``specfx_source`` holds the node it stands for; a module they
+    call becomes a placeholder too (meta ``specfx_module``: its path), called with
+    ``__call__``, so that a module built from this graph owns no submodule, and no
+    parameter appears twice in the optimized module's ``state_dict``.
+
+    The copy is made before lowering: the convs' own nodes are gone afterwards."""
+    region = fx.Graph()
+    copied: dict[fx.Node, fx.Node] = {}
+    modules: dict[str, fx.Node] = {}
+
+    def value(node: fx.Node) -> fx.Node:
+        if node not in copied:
+            copied[node] = region.placeholder(node.name)
+            copied[node].meta["specfx_source"] = node
+        return copied[node]
+
+    for node in gm.graph.nodes:
+        if node.name not in names:
+            continue
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
+        if node.op == "call_module":
+            path = str(node.target)
+            if path not in modules:
+                modules[path] = region.placeholder(f"module_{path.replace('.', '_')}")
+                modules[path].meta["specfx_module"] = path
+            copied[node] = region.call_method("__call__", (modules[path], *args), kwargs)
+        else:
+            copied[node] = region.create_node(node.op, node.target, args, kwargs)
+        copied[node].meta["specfx_member"] = node.name
+    return region
+
+
+# --- run time: a chain's eval-mode BatchNorm and its training-mode fallback ---------------
+
+def batch_norm_affine(bn: nn.Module, spectrum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(shift, scale)`` per channel of the BatchNorm module ``bn`` in eval mode (``bn(u)
+    = scale·u + shift``), from two constant probes (0 and 1024, exact in every float type)
+    through ``F.batch_norm`` with ``training=False``: what ``bn`` computes in eval mode, with
+    no side effect in any mode. (A module call would, in training mode, normalize the
+    probes by their own statistics and update the running ones.)
+
+    ``spectrum`` (the spectrum the terms apply to) is not read: it makes the function one
+    call when the optimized module is traced again, since ``symbolic_trace`` records a
+    Python function as a call only when a traced value flows into it, and would otherwise
+    freeze the running statistics into constants."""
+    if has_torch_function((spectrum,)):
+        return handle_torch_function(batch_norm_affine, (spectrum,), bn, spectrum)
+    mean = bn.running_mean
+    probes = torch.tensor([0.0, 1024.0], dtype=mean.dtype, device=mean.device).unsqueeze(1).expand(2, mean.shape[0])
+    out = F.batch_norm(probes, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    return out[0], (out[1] - out[0]) / 1024.0
+
+
+def chain_outputs(modal: tuple[nn.Module, ...], original: nn.Module, fused: tuple, args: tuple) -> tuple:
+    """The values of a fused chain where the rest of the graph reads them: ``fused`` (the
+    frequency-domain results) while every module in ``modal`` is in eval mode; otherwise
+    ``original(*args)``: the chain's original ops, run as the original module runs them
+    (batch statistics, running-statistic updates, autograd through them)."""
+    traced = tuple(a for a in (*fused, *args) if a is not None and not isinstance(a, nn.Module))
+    if has_torch_function(traced):
+        return handle_torch_function(chain_outputs, traced, modal, original, fused, args)
+    if any(m.training for m in modal):
+        return original(*args)
+    return fused
 
 
 def node_rows_and_size(node: fx.Node, rank: int) -> Optional[tuple[int, int, tuple[int, ...], torch.dtype]]:
@@ -593,21 +731,3 @@ def approximate(report) -> bool:
     """Whether the report's fused chains hold poly activations that are not exact."""
     return any(a.mode == "poly" and (a.error is None or a.error > 0)
                for c in report.chains if c.fused for a in c.activations)
-
-
-def output_error(reference: fx.GraphModule, optimized: fx.GraphModule, inputs: tuple) -> float:
-    """The worst error of ``optimized``'s outputs against ``reference``'s on ``inputs``,
-    relative to each output's largest magnitude."""
-    from torch.utils._pytree import tree_flatten
-
-    from .capture import preserved_state
-    from .verify import scaled_error
-
-    with preserved_state(optimized), torch.no_grad():
-        expected = reference(*inputs)
-    with preserved_state(optimized), torch.no_grad():
-        actual = optimized(*inputs)
-    pairs = zip(tree_flatten(actual)[0], tree_flatten(expected)[0])
-    return max((scaled_error(a, e) for a, e in pairs
-                if isinstance(e, torch.Tensor) and isinstance(a, torch.Tensor) and e.is_floating_point()),
-               default=0.0)

@@ -3,24 +3,31 @@
     specfx explain MODEL --input 1,3,224,224 [--dtype float32] [--policy auto]
     specfx diff MODEL --input 1,3,224,224 [--table] [--passes] [--html report.html]
 
-MODEL is ``module_or_path:factory``: a dotted module importable from the current
-directory, or a path to a ``.py`` file, and the name in it of a callable that takes no
-arguments and returns an ``nn.Module`` (a module class itself will do). The model is put
-in eval mode and given random inputs of the shapes asked for (seeded, so runs agree).
-Any problem with what was asked for is reported on one line of stderr, never as a
-traceback: exit status 2 for a malformed command line, 1 when the model cannot be
-loaded, built, run or optimized.
+MODEL is ``module_or_path:factory``: a dotted module, or a path to a ``.py`` file, and the
+name in it of a callable that takes no arguments and returns an ``nn.Module`` (a module
+class itself will do). A dotted module's top-level package is looked for in the current
+directory first, then on ``sys.path``; only that name comes from the current directory, so
+a stray ``networkx.py`` there does not replace the library torch imports. A file's own
+imports of its neighbours work, except for names an installed module already has. The
+model is put in eval mode and given random inputs of the shapes asked for (seeded, so runs
+agree). Any problem with what was asked for is reported on one line of stderr, never as a
+traceback: exit status 2 for a malformed command line, 1 when the model cannot be loaded,
+built, run or optimized (including a factory or model that calls ``sys.exit``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import importlib.machinery
 import importlib.util
+import math
 import os
 import pathlib
 import sys
-from typing import Callable, NoReturn, Optional, Sequence
+import types
+from typing import Callable, Iterator, NoReturn, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -72,64 +79,159 @@ def load_factory(spec: str) -> Callable[[], object]:
         try:
             target = getattr(target, part)
         except AttributeError:
-            raise CommandError(f"{source} has no attribute {attribute!r}") from None
+            # Naming the file shows when an installed module of the same name was imported.
+            where = f" ({module.__file__})" if getattr(module, "__file__", None) else ""
+            raise CommandError(f"{source}{where} has no attribute {attribute!r}") from None
     if not callable(target):
         raise CommandError(f"{source}:{attribute} is a {type(target).__name__}, not a callable returning a model")
     return target
 
 
-def _import_source(source: str):
-    """Import a ``.py`` file by path, or a dotted module from the current directory."""
+@contextlib.contextmanager
+def _user_code(failure: Optional[str] = None) -> Iterator[None]:
+    """Run the user's code (their module, factory or model), reporting whatever it raises as
+    a :class:`CommandError`: ``failure`` (if given), then the exception on one line.
+
+    That includes ``SystemExit`` (a factory calling ``sys.exit``) and the ``BaseException``
+    subclasses some libraries raise to abort: specfx was asked to build and run the model,
+    and a model that ends the run its own way has failed to. Only ``KeyboardInterrupt``,
+    the user's own ^C, passes through, for :func:`main` to report as an interruption.
+    """
+    try:
+        yield
+    except (KeyboardInterrupt, CommandError):
+        raise
+    except BaseException as err:
+        raise CommandError(" ".join(filter(None, (failure, _one_line(err))))) from err
+
+
+def _import_source(source: str) -> types.ModuleType:
+    """Import a Python file by path, or a dotted module."""
     path = pathlib.Path(source)
     if source.endswith(".py") or os.sep in source or path.is_file():
-        if not path.is_file():
-            raise CommandError(f"no such file: {source}")
-        # Registered in sys.modules (as imports are) because dataclasses, pickling and
-        # typing resolve a class's module through it; a name already taken is left alone.
-        name = path.stem if path.stem not in sys.modules else f"_specfx_model_{path.stem}"
-        module_spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module
-        # The file's own imports of its neighbours should work as when it is run as a script.
-        sys.path.insert(0, str(path.resolve().parent))
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as err:  # whatever the user's file raises at import
-            raise CommandError(f"importing {source} failed: {_one_line(err)}") from err
-        return module
-    # The console script, unlike `python -m`, does not put the current directory on the path.
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+        return _import_file(source, path)
+    return _import_module(source)
+
+
+def _import_file(source: str, path: pathlib.Path) -> types.ModuleType:
+    if not path.is_file():
+        raise CommandError(f"no such file: {source}")
+    name = _file_module_name(path)
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None:
+        raise CommandError(f"cannot import {source}: not a Python file (expected a path ending in .py)")
+    module = importlib.util.module_from_spec(module_spec)
+    # Registered in sys.modules (as imports are) because dataclasses, pickling and typing
+    # resolve a class's module through it.
+    sys.modules[name] = module
+    # The file's imports of its neighbours should work as when it is run as a script, but
+    # from the end of the path: a neighbour must not replace a library torch imports.
+    _append_to_path(str(path.resolve().parent))
     try:
-        return importlib.import_module(source)
-    except ModuleNotFoundError as err:
-        if err.name is not None and (source == err.name or source.startswith(err.name + ".")):
-            raise CommandError(f"no module named {source!r} (looked in the current directory and on "
-                               f"sys.path)") from err
-        raise CommandError(f"importing {source} failed: {_one_line(err)}") from err
-    except Exception as err:  # whatever the user's module raises at import
-        raise CommandError(f"importing {source} failed: {_one_line(err)}") from err
+        with _user_code(f"importing {source} failed:"):
+            module_spec.loader.exec_module(module)
+    except CommandError:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def _file_module_name(path: pathlib.Path) -> str:
+    """The name to register a model file under: its stem, unless that is not a plain
+    module name or another module has it (imported already, or importable: a file named
+    ``networkx.py`` must not become the ``networkx`` that torch imports later)."""
+    stem = path.stem
+    if stem.isidentifier() and stem not in sys.modules:
+        found = importlib.util.find_spec(stem)
+        if found is None or (found.origin is not None and pathlib.Path(found.origin).resolve() == path.resolve()):
+            return stem
+    return f"_specfx_model_{stem}"
+
+
+def _import_module(source: str) -> types.ModuleType:
+    """Import the dotted module ``source``, its top-level package from the current
+    directory if that holds one (as ``python -m`` would find it) and otherwise from
+    ``sys.path``, with the current directory last, so that nothing else it holds shadows
+    the standard library or an installed package."""
+    top = source.partition(".")[0]
+    cwd = os.getcwd()
+    with _user_code(f"importing {source} failed:"):
+        try:
+            _append_to_path(cwd)  # first: the user's module may import its neighbours
+            if top not in sys.modules:
+                _load_from_directory(top, cwd)
+            return importlib.import_module(source)
+        except ModuleNotFoundError as err:
+            if err.name is not None and (source == err.name or source.startswith(err.name + ".")):
+                raise CommandError(f"no module named {source!r} (looked in the current directory and on "
+                                   f"sys.path)") from err
+            raise
+
+
+def _load_from_directory(name: str, directory: str) -> None:
+    """Import the module or regular package ``name`` from ``directory``, if it is there."""
+    found = importlib.machinery.PathFinder.find_spec(name, [directory])
+    # A directory without __init__.py is only a namespace portion, and ordinary imports
+    # prefer a regular package of that name anywhere on the path (e.g. a data folder named
+    # after an installed library); the import with the directory appended does just that.
+    if found is None or found.loader is None or found.origin is None:
+        return
+    module = importlib.util.module_from_spec(found)
+    sys.modules[name] = module
+    try:
+        found.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]  # as the import system does: no half-run module for a later import
+        raise
+
+
+def _append_to_path(directory: str) -> None:
+    if directory not in sys.path:
+        sys.path.append(directory)
 
 
 def build_model(spec: str, dtype: torch.dtype) -> nn.Module:
     """Call the factory ``spec`` names and check it gave a module, in eval mode and (for a
     floating-point ``dtype``) cast to ``dtype``."""
     factory = load_factory(spec)
-    try:
+    with _user_code(f"{spec}() raised"):
         model = factory()
-    except Exception as err:  # whatever the user's factory raises
-        raise CommandError(f"{spec}() raised {_one_line(err)}") from err
     if not isinstance(model, nn.Module):
         raise CommandError(f"{spec}() returned an object of type {type(model).__name__}, not a torch.nn.Module")
-    model.eval()
-    return model.to(dtype) if dtype.is_floating_point else model
+    with _user_code(f"preparing the model {spec}() returned failed:"):
+        model.eval()
+        return model.to(dtype) if dtype.is_floating_point else model
 
 
 def make_inputs(shapes: Sequence[tuple[int, ...]], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """Seeded random inputs of ``shapes`` (zeros for integer dtypes, e.g. token ids)."""
+    described = " ".join(f"--input {','.join(map(str, shape))}" for shape in shapes)
+    needed = sum(math.prod(shape) for shape in shapes) * dtype.itemsize
+    memory = _physical_memory()
+    # Refused up front: with overcommit, an allocation past physical memory can succeed and
+    # filling it gets the process killed instead of raising.
+    if memory is not None and needed > memory:
+        raise CommandError(f"{described} would take {needed / 2**30:.4g} GiB as {_dtype_name(dtype)}, "
+                           f"more than this machine's {memory / 2**30:.4g} GiB of memory")
     generator = torch.Generator().manual_seed(0)
-    return tuple(torch.randn(shape, dtype=dtype, generator=generator) if dtype.is_floating_point
-                 else torch.zeros(shape, dtype=dtype) for shape in shapes)
+    try:
+        return tuple(torch.randn(shape, dtype=dtype, generator=generator) if dtype.is_floating_point
+                     else torch.zeros(shape, dtype=dtype) for shape in shapes)
+    except (RuntimeError, MemoryError) as err:  # too large for torch's size arithmetic, or for the allocator
+        raise CommandError(f"cannot allocate {described} as {_dtype_name(dtype)}: "
+                           f"{_one_line(err)}") from err
+
+
+def _physical_memory() -> Optional[int]:
+    """This machine's memory in bytes, where the platform says (not on Windows)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _one_line(err: BaseException) -> str:
@@ -166,16 +268,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> None:
     dtype = DTYPES[args.dtype]
+    inputs = make_inputs(args.inputs, dtype)  # first: a shape that cannot be allocated fails fast
     model = build_model(args.model, dtype)
-    inputs = make_inputs(args.inputs, dtype)
-    try:
+    with _user_code():  # capture, verification or the model itself; all reported alike
         if args.command == "explain":
             print(explain(model, inputs, policy=args.policy, frontend=args.frontend))
             return
         fast = optimize(model, inputs, policy=args.policy, frontend=args.frontend)
         graph_diff = diff(model, fast, inputs)
-    except Exception as err:  # capture, verification or the model itself; all reported alike
-        raise CommandError(_one_line(err)) from err
     print(graph_diff.unified() or f"no change to the graph ({graph_diff.summary()})\n", end="")
     if args.table:
         print("\n" + graph_diff.table(), end="")

@@ -219,6 +219,9 @@ def estimate(shape: ConvShape, geometry: SpectralGeometry, profile: CostProfile 
     transform_ms = (forward_flop / profile.fft_gflops + inverse_flop / profile.inverse_fft_gflops) / 1e6
     # Zero-padding the input onto the grid, and cropping the output off it (plus bias).
     copy_bytes = (b * cin * math.prod(geometry.fft_size) + 2 * b * cout * out_points) * eb
+    if geometry.selection is not None:
+        # Taking the samples the conv reads: the input read once, the selection written.
+        copy_bytes += b * cin * (math.prod(geometry.selection.size) + math.prod(geometry.in_size)) * eb
     # The input spectrum and the output are fresh allocations of every call. The output
     # spectrum is never whole past the mmap ceiling: a merged conv makes it a block of
     # channels at a time there (spectral_ops.WHOLE_SPECTRUM_BYTES).

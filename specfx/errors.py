@@ -16,3 +16,9 @@ class CaptureError(SpecfxError):
 class VerificationError(SpecfxError):
     """The optimized module's outputs differ from the original's beyond tolerance; the
     message names the first diverging node."""
+
+
+class StalePlanError(SpecfxError, RuntimeError):
+    """A lowered convolution's module was edited after :func:`specfx.optimize` (another
+    submodule, weight shape, stride, padding, ...): its FFT plan no longer describes the
+    conv the module now defines. Optimize the edited model again."""

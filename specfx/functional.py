@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .overlap_save import join_blocks, split_blocks
 from .geometry import PaddingArg, SpectralGeometry, expand, plan_geometry, resolve_padding
+from .overlap_save import join_blocks, split_blocks
+from .sample_selection import select_read_samples, selection_args, unread_mask
 
 
 def conv_geometry(x: torch.Tensor, weight: torch.Tensor, stride: Union[int, Sequence[int]] = 1,
@@ -38,12 +39,15 @@ def spectral_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 def apply_geometry(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                    geometry: SpectralGeometry, groups: int) -> torch.Tensor:
     """Run the spectral ops for a planned geometry."""
+    input_dim = x.dim()
     if geometry.pre_pad is not None:
         mode, pads = geometry.pre_pad
         x = F.pad(x, list(pads), mode=mode)
+    if geometry.selection is not None:
+        x = select_read_samples(x, *selection_args(geometry, unread_mask(geometry, x.device)))
     g, blocks = geometry, geometry.overlap_save
     if blocks is not None:
         x = split_blocks(x, blocks.left, blocks.right, blocks.window, blocks.block)
     y = ops.spectral_conv(x, weight, bias, list(g.in_size), list(g.fft_size), list(g.dilation), list(g.shift),
                           groups, list(g.out_size), list(g.stride), x.dtype)
-    return y if blocks is None else join_blocks(y, blocks.count, blocks.out)
+    return y if blocks is None else join_blocks(y, blocks.count, blocks.out, input_dim)

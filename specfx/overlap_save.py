@@ -25,13 +25,21 @@ import torch.nn.functional as F
 
 def split_blocks(x: torch.Tensor, left: int, right: int, window: int, block: int) -> torch.Tensor:
     """``(N, C, L)`` → ``(N·count, C, window)``: the zero-padded input's overlapping
-    windows, one batch row per block (block-major within each sample)."""
-    windows = F.pad(x, [left, right]).unfold(-1, window, block)  # (N, C, count, window)
-    return windows.transpose(1, 2).reshape(-1, x.shape[1], window)
+    windows, one batch row per block (block-major within each sample). An unbatched
+    ``(C, L)`` input gives ``(count, C, window)``, as a batch of one would."""
+    batched = x if x.dim() == 3 else x.unsqueeze(0)
+    windows = F.pad(batched, [left, right]).unfold(-1, window, block)  # (N, C, count, window)
+    n, channels, count, _ = windows.shape
+    # The row count is spelled out: a -1 is ambiguous for an empty batch.
+    return windows.transpose(1, 2).reshape(n * count, channels, window)
 
 
-def join_blocks(y: torch.Tensor, count: int, out: int) -> torch.Tensor:
-    """``(N·count, C, block)`` → ``(N, C, out)``: the blocks laid end to end, cropped."""
+def join_blocks(y: torch.Tensor, count: int, out: int, input_dim: int = 3) -> torch.Tensor:
+    """``(N·count, C, block)`` → ``(N, C, out)``: the blocks laid end to end, cropped;
+    ``(C, out)`` where the conv's input had ``input_dim`` 2 (unbatched), which the rows
+    alone cannot tell from a batch of one."""
     rows, channels, block = y.shape
-    joined = y.reshape(rows // count, count, channels, block).transpose(1, 2).reshape(-1, channels, count * block)
-    return joined[..., :out].contiguous()
+    joined = y.reshape(rows // count, count, channels, block).transpose(1, 2).reshape(
+        rows // count, channels, count * block)
+    joined = joined[..., :out].contiguous()
+    return joined if input_dim == 3 else joined.squeeze(0)

@@ -16,6 +16,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from .cost_model import CostProfile
 from .report import PassRecord, Report
+from .side_effects import eliminate_dead_code
 
 POLICIES = ("auto", "measure", "always", "never")
 SPECTRAL_ACTIVATIONS = ("exact", "poly")
@@ -72,8 +73,9 @@ class RegisteredPass:
 
 
 def cleanup(gm: fx.GraphModule) -> None:
-    """Dead-code elimination, lint and recompile: the state every pass leaves."""
-    gm.graph.eliminate_dead_code()
+    """Dead-code elimination (keeping every node with a side effect), lint and recompile:
+    the state every pass leaves."""
+    eliminate_dead_code(gm)
     gm.graph.lint()
     gm.recompile()
 
@@ -81,6 +83,10 @@ def cleanup(gm: fx.GraphModule) -> None:
 def run_pipeline(gm: fx.GraphModule, ctx: PassContext, passes: list[RegisteredPass],
                  analysis_only: bool = False) -> fx.GraphModule:
     """Run ``passes`` in order (only the analysis ones if ``analysis_only``)."""
+    # Passes plan on the graph as it computes: a conv whose result nothing reads would be
+    # planned into a chain that the cleanup after lowering then takes apart.
+    if eliminate_dead_code(gm):
+        gm.recompile()
     # A report that already holds passes (a second run) keeps the code they started from.
     if ctx.report.captured_code is None:
         ctx.report.captured_code = gm.code

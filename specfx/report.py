@@ -102,6 +102,9 @@ class Report:
     captured_code: Optional[str] = None
     verified_error: Optional[float] = None
     verified_tolerance: Optional[float] = None
+    # How verification went where it was not a plain comparison (judged against a float64
+    # run of the original, or skipped).
+    verification_notes: list[str] = dataclasses.field(default_factory=list)
     # Spectral chains: one entry per chain found; the transforms (forward, inverse) the
     # optimized graph runs, and what plain per-conv lowering would run; the output error
     # measured on the example inputs when poly activations made the result approximate.
@@ -154,6 +157,7 @@ class Report:
         if self.verified_error is not None:
             lines.append(f"  verified on the example inputs: max error {self.verified_error:.2e} "
                          f"of the output scale (tolerance {self.verified_tolerance:.0e})")
+        lines += [f"  verification: {note}" for note in self.verification_notes]
         return "\n".join(lines)
 
 

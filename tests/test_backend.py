@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from conftest import assert_scaled_close
 
 import specfx
-from specfx.backend import TRACE_ARTIFACT, settings_from_options, specfx_backend
+from specfx.backend import MAX_COMPILED_REPORTS, TRACE_ARTIFACT, settings_from_options, specfx_backend
 from specfx.ops import SPECTRUM_CACHE
 
 
@@ -35,15 +35,17 @@ def compile_specfx(model: nn.Module, **kwargs) -> nn.Module:
 
 
 class NewReports:
-    """The reports compiled while the ``with`` block ran."""
+    """The reports compiled while the ``with`` block ran (told apart by identity: only the
+    most recent reports are kept, so positions shift)."""
 
     def __enter__(self) -> list:
-        self._start = len(specfx.compiled_reports())
+        self._before = specfx.compiled_reports()  # held, so that no id is reused
         self.reports: list = []
         return self.reports
 
     def __exit__(self, *exc) -> None:
-        self.reports.extend(specfx.compiled_reports()[self._start:])
+        before = {id(report) for report in self._before}
+        self.reports.extend(report for report in specfx.compiled_reports() if id(report) not in before)
 
 
 def cache_counts() -> tuple[int, int]:
@@ -149,6 +151,24 @@ def test_mode_is_passed_to_inductor(monkeypatch: pytest.MonkeyPatch) -> None:
     gm = torch.fx.symbolic_trace(nn.Sequential(nn.ReLU()))
     specfx_backend(gm, [torch.randn(2)], mode="max-autotune-no-cudagraphs")
     assert seen["patches"] == torch._inductor.list_mode_options("max-autotune-no-cudagraphs")
+
+
+def test_compiled_reports_keep_the_most_recent_and_can_be_cleared(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch._inductor.compile_fx as inductor
+
+    monkeypatch.setattr(inductor, "compile_fx", lambda gm, inputs, config_patches=None: gm)
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.ReLU()))
+    specfx_backend(gm, [torch.randn(2)])
+    first = specfx.compiled_reports()[-1]
+    for _ in range(MAX_COMPILED_REPORTS):
+        specfx_backend(gm, [torch.randn(2)])
+    reports = specfx.compiled_reports()
+    assert len(reports) == MAX_COMPILED_REPORTS
+    assert all(report is not first for report in reports)
+    specfx.clear_compiled_reports()
+    assert specfx.compiled_reports() == []
+    specfx_backend(gm, [torch.randn(2)])
+    assert len(specfx.compiled_reports()) == 1
 
 
 # --- the rewrite of Dynamo graphs, and weight-spectrum caching ------------------------------

@@ -121,12 +121,14 @@ class Pooled(nn.Module):
 
 
 class StridedEnd(nn.Module):
-    """A chain ending in a strided, dilated conv (which reads the spectrum, and crops)."""
+    """A chain ending in a strided, dilated conv (which reads the spectrum, and crops).
+    (Stride and dilation coprime: every sample is read. A conv that skips samples selects
+    them before its own transform, so it ends no chain.)"""
 
     def __init__(self):
         super().__init__()
         self.c1 = nn.Conv2d(3, 4, 5, padding=2)
-        self.c2 = nn.Conv2d(4, 4, 5, stride=2, padding=3, dilation=2)
+        self.c2 = nn.Conv2d(4, 4, 5, stride=2, padding=3, dilation=3)
 
     def forward(self, x):
         return self.c2(F.gelu(self.c1(x), approximate="tanh"))

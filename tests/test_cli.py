@@ -19,6 +19,8 @@ from specfx.cli import EXIT_FAILED, EXIT_USAGE, main
 CONSOLE_SCRIPT = pathlib.Path(sys.executable).parent / "specfx"
 
 MODELS = textwrap.dedent("""
+    import sys
+
     import torch
     import torch.nn as nn
 
@@ -42,14 +44,73 @@ MODELS = textwrap.dedent("""
 
     def not_a_module():
         return 3
+
+
+    def exits():
+        sys.exit(3)
+
+
+    class Abort(BaseException):
+        pass
+
+
+    def aborts():
+        raise Abort("gave up")
+
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+
+    class ExitsInForward(nn.Module):
+        def forward(self, x):
+            sys.exit("forward gave up")
+
+
+    class TracedWrong(Net):
+        # fx's Proxy is not a Tensor, so symbolic_trace records a reshape that fails when
+        # the graph runs (after nodes whose values are freed); export traces with (fake)
+        # tensors and skips it.
+        def forward(self, x):
+            x = torch.relu(x)
+            if not isinstance(x, torch.Tensor):
+                x = x.reshape(-1, 7)
+            return super().forward(x)
+
+
+    class TracingTalks(Net):
+        def forward(self, x):
+            if not isinstance(x, torch.Tensor):
+                print("TracingTalks: traced", file=sys.stderr)
+            return super().forward(x)
+""")
+
+# A stand-in for an installed module that torch or specfx imports (specfx's passes import
+# networkx): if the CLI lets the working directory shadow it, this one runs and says so.
+SHADOWING_NETWORKX = textwrap.dedent("""
+    import pathlib
+    pathlib.Path(__file__).with_name("networkx_was_imported").touch()
+    raise ImportError("the working directory's networkx.py was imported")
 """)
 
 
 @pytest.fixture
 def models(tmp_path: pathlib.Path) -> pathlib.Path:
-    """A directory holding ``cli_test_models.py`` (a unique name: in-process runs import it)."""
+    """A directory holding ``cli_test_models.py`` (a unique name: in-process runs import it)
+    and ``notes.txt``, a file that is not Python."""
     (tmp_path / "cli_test_models.py").write_text(MODELS)
+    (tmp_path / "notes.txt").write_text("x = 1\n")
     return tmp_path
+
+
+@pytest.fixture
+def in_models(models: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.Path:
+    """``models`` as the working directory of in-process runs, each importing the models
+    afresh and leaving ``sys.path`` (which main() appends the directory to) as it was."""
+    monkeypatch.chdir(models)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "cli_test_models", raising=False)
+    return models
 
 
 def run(command: list[str], cwd: pathlib.Path) -> subprocess.CompletedProcess:
@@ -111,12 +172,80 @@ def test_console_script_reports_a_missing_module_on_one_line(models):
      "invalid choice: 'float128'"),
     (["explain", "cli_test_models:good", "--input", "1,3,16,16"], EXIT_FAILED, "raised on the example inputs"),
     ([], EXIT_USAGE, "required: command"),
+    (["explain", "notes.txt:f", "--input", "1,2,16,16"], EXIT_FAILED,
+     "cannot import notes.txt: not a Python file"),
+    (["explain", "cli_test_models:good", "--input", "1,3,99999999999,99999999999"], EXIT_FAILED,
+     "--input 1,3,99999999999,99999999999 would take"),
+    (["explain", "cli_test_models:exits", "--input", "1,2,16,16"], EXIT_FAILED,
+     "cli_test_models:exits() raised SystemExit: 3"),
+    (["explain", "cli_test_models:aborts", "--input", "1,2,16,16"], EXIT_FAILED,
+     "cli_test_models:aborts() raised Abort: gave up"),
+    (["diff", "cli_test_models:ExitsInForward", "--input", "1,2,16,16"], EXIT_FAILED,
+     "SystemExit: forward gave up"),
 ])
-def test_bad_input_is_one_line_and_a_non_zero_exit(models, monkeypatch, capsys, arguments, status, message):
-    monkeypatch.chdir(models)
-    monkeypatch.setattr(sys, "path", list(sys.path))  # main() puts the current directory on it
-    monkeypatch.delitem(sys.modules, "cli_test_models", raising=False)
+def test_bad_input_is_one_line_and_a_non_zero_exit(in_models, capsys, arguments, status, message):
     assert main(arguments) == status
     captured = capsys.readouterr()
     assert_one_line_error(captured.err, message)
     assert captured.out == ""
+
+
+def test_inputs_torch_cannot_allocate_are_one_line(in_models, monkeypatch, capsys):
+    """Where the memory check cannot run (no sysconf), torch's own refusal is reported."""
+    monkeypatch.setattr("specfx.cli._physical_memory", lambda: None)
+    assert main(["explain", "cli_test_models:good", "--input", "1,3,99999999999,99999999999"]) == EXIT_FAILED
+    assert_one_line_error(capsys.readouterr().err, "cannot allocate --input 1,3,99999999999,99999999999")
+
+
+def test_interrupted_factory_is_one_line_and_status_130(in_models, capsys):
+    assert main(["explain", "cli_test_models:interrupted", "--input", "1,2,16,16"]) == 130
+    assert capsys.readouterr().err == "specfx: interrupted\n"
+
+
+@pytest.mark.parametrize("command", ["explain", "diff"])
+def test_empty_batch_works_or_fails_on_one_line(in_models, capsys, command):
+    status = main([command, "cli_test_models:good", "--input", "0,2,16,16", "--policy", "always"])
+    captured = capsys.readouterr()
+    if status == 0:
+        assert "Traceback" not in captured.err and captured.out
+    else:
+        assert status == EXIT_FAILED
+        assert_one_line_error(captured.err, "")
+
+
+@pytest.mark.parametrize("model", ["cli_test_models:good", "{models}/cli_test_models.py:good"])
+def test_working_directory_does_not_shadow_installed_modules(models, model):
+    """A ``networkx.py`` beside the user's models is not what ``import networkx`` finds,
+    whether the models are named as a module or as a file; the models still are."""
+    (models / "networkx.py").write_text(SHADOWING_NETWORKX)
+    result = run([str(CONSOLE_SCRIPT), "explain", model.format(models=models), "--input", "1,2,16,16"], models)
+    assert result.returncode == 0, result.stderr
+    assert not (models / "networkx_was_imported").exists()
+    assert "Conv2d 2→2 k=15x15 depthwise" in result.stdout
+
+
+def test_module_named_like_the_standard_library_comes_from_the_working_directory(models):
+    """``test`` is also a standard-library package: the one in the working directory is
+    the one the user means."""
+    (models / "test").mkdir()
+    (models / "test" / "__init__.py").write_text("from cli_test_models import good\n")
+    result = run([str(CONSOLE_SCRIPT), "explain", "test:good", "--input", "1,2,16,16"], models)
+    assert result.returncode == 0, result.stderr
+    assert "Conv2d 2→2 k=15x15 depthwise" in result.stdout
+
+
+def test_failed_trace_is_a_capture_note_not_console_noise(in_models, capfd):
+    """fx prints the traceback of a graph that fails shape propagation; when export then
+    captures the model, that failure is one capture note and stderr stays empty."""
+    assert main(["explain", "cli_test_models:TracedWrong", "--input", "1,2,16,16"]) == 0
+    captured = capfd.readouterr()
+    assert captured.err == ""
+    notes = [line for line in captured.out.splitlines() if "note: symbolic_trace:" in line]
+    assert len(notes) == 1, captured.out
+    assert "the traced graph failed at node reshape: RuntimeError: shape '[-1, 7]' is invalid" in notes[0]
+    assert notes[0].endswith("(fell back to export)")
+
+
+def test_successful_trace_passes_on_what_the_model_writes(in_models, capfd):
+    assert main(["explain", "cli_test_models:TracingTalks", "--input", "1,2,16,16"]) == 0
+    assert capfd.readouterr().err == "TracingTalks: traced\n"

@@ -46,13 +46,18 @@ def _defined(diff_text: str, sign: str) -> set[str]:
             for m in [re.match(r"[-+]\s*(\w+)\s*[:=]", line)] if m}
 
 
+# The lowered conv's call-time checks (specfx.guards): the conv module, the check of its
+# geometry that hands on the weight, and the output dtype read from the weight.
+CHECK_NODES = {"conv_1", "module_conv_weight", "getattr_1"}
+
+
 def test_known_rewrite_removes_the_conv_and_adds_the_spectral_nodes(lowered):
     model, fast = lowered
     d = specfx.diff(model, fast)
     assert d.removed == ["conv"]
-    assert set(d.added) == {MERGED, "conv_weight", "conv_bias"}
+    assert set(d.added) == {MERGED, *CHECK_NODES, "conv_weight", "conv_bias"}
     assert d.kept == ["x", "relu", "output"]
-    assert d.summary() == "3 kept, 1 removed, 3 added"
+    assert d.summary() == "3 kept, 1 removed, 6 added"
 
 
 def test_replacement_is_tracked_through_node_meta(lowered):
@@ -81,7 +86,7 @@ def test_unified_diff_shows_exactly_the_rewritten_lines(lowered):
     assert text.startswith("--- before\n+++ after\n@@ ")
     # relu is kept but reads another input, so its line changes too.
     assert _defined(text, "-") == {"conv", "relu"}
-    assert _defined(text, "+") == {MERGED, "conv_weight", "conv_bias", "relu"}
+    assert _defined(text, "+") == {MERGED, *CHECK_NODES, "conv_weight", "conv_bias", "relu"}
 
 
 def test_table_has_one_row_per_node(lowered):
@@ -89,7 +94,7 @@ def test_table_has_one_row_per_node(lowered):
     d = specfx.diff(model, fast)
     lines = d.table().splitlines()
     assert lines[0].split()[:4] == ["status", "node", "op", "target"]
-    assert len(lines) == 1 + len(d.rows) == 1 + 3 + 1 + 3
+    assert len(lines) == 1 + len(d.rows) == 1 + 3 + 1 + 6
     conv_line = next(line for line in lines if line.split()[:2] == ["removed", "conv"])
     assert conv_line.endswith(f"→ {MERGED}")
 
@@ -137,7 +142,8 @@ def test_export_graphs_are_diffed_against_an_export_capture():
     fast = specfx.optimize(model, (torch.randn(1, 4, 32, 32),), policy="always", frontend="export")
     d = specfx.diff(model, fast)  # captures `model` with export too, so node names line up
     assert d.removed == ["conv2d"]
-    assert set(d.added) == {MERGED}
+    # the weight's shape check and the output dtype read from the weight
+    assert set(d.added) == {MERGED, "conv_weight_1", "getattr_1"}
     (conv,) = [row for row in d.rows if row.status == "removed"]
     assert conv.replaced_by == MERGED
     assert conv.target == "torch.ops.aten.conv2d.default"

@@ -672,12 +672,12 @@ def test_verify_names_the_diverging_node():
     reference, _ = capture(copy.deepcopy(model), (x,), "symbolic_trace")
     # per-conv lowering, so that each conv is its own node (no fused chain)
     fast = specfx.optimize(reference, (x,), policy="always", chains=False)
-    error, tolerance = verify(reference, fast, (x,))
-    assert error <= tolerance
+    verified = verify(model, reference, fast, (x,))
+    assert verified.error <= verified.tolerance
 
     _shift_lowered_conv(fast, 1)
     with pytest.raises(specfx.VerificationError) as info:
-        verify(reference, fast, (x,))
+        verify(model, reference, fast, (x,))
     message = str(info.value)
     # the second conv's node, not the first conv's, nor the tanh after it
     second = [n.name for n in fast.graph.nodes if n.target is SPECTRAL_CONV][1]

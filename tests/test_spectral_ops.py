@@ -15,6 +15,7 @@ from torch.overrides import TorchFunctionMode
 import specfx
 from conftest import assert_scaled_close
 from specfx.functional import conv_geometry
+from specfx.sample_selection import select_read_samples, selection_args, unread_mask
 from specfx.ops import SPECTRUM_CACHE, contraction
 
 OPS = torch.ops.specfx
@@ -48,6 +49,8 @@ def op_arguments(case):
     bias = torch.randn(w_shape[0]).to(dtype).requires_grad_() if has_bias else None
     g = conv_geometry(x, weight, stride, padding, dilation, mode)
     assert g.pre_pad is None
+    if g.selection is not None:  # the ops see only the samples the conv reads
+        x = select_read_samples(x, *selection_args(g, unread_mask(g)))
     fft, in_size = list(g.fft_size), list(g.in_size)
     x_hat = OPS.to_spectrum(x, in_size, fft)
     y_hat = OPS.spectral_mix(x_hat, weight.detach(), fft, list(g.dilation), list(g.shift), groups)

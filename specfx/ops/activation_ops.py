@@ -175,6 +175,8 @@ def spectral_activation(x_hat: torch.Tensor, fft_size: list[int], size: list[int
     """``rfftn(pad(act(scale·crop(irfftn(x_hat)) + shift)))`` at ``fft_size``: the exact
     spectral activation (inverse transform, mask, affine, activation, forward transform)."""
     _check_activation(activation)
+    if x_hat.numel() == 0:  # an empty batch: MKL refuses a transform of no rows
+        return torch.empty_like(x_hat, memory_format=torch.contiguous_format)
     rank = len(fft_size)
     rows = x_hat.reshape(-1, *x_hat.shape[-rank:])
     blocks = fourier.row_blocks(rows.shape[0], fft_size, fourier.real_dtype_for(x_hat.dtype).itemsize)
@@ -209,6 +211,9 @@ def _spectral_activation_setup(ctx, inputs, output):
 def _spectral_activation_backward(ctx, grad):
     x_hat, scale, shift = ctx.saved_tensors
     fft_size, size, activation, slope = ctx.args
+    if x_hat.numel() == 0:  # an empty batch has zero gradients
+        return (torch.zeros_like(x_hat), None, None, None if scale is None else torch.zeros_like(scale),
+                None if shift is None else torch.zeros_like(shift), None, None)
     rank = len(fft_size)
     x = _crop(fourier.irfftn(x_hat, fft_size), size)
     u = _affine(x, scale, shift, rank)
@@ -432,6 +437,8 @@ def poly_activation(x_hat: torch.Tensor, coeffs: torch.Tensor, fft_size: list[in
     mask, computed by circular convolutions of spectra (no inverse transform)."""
     if coeffs.dim() != 2:
         raise ValueError(f"coeffs must be (channels, degree + 1), got shape {tuple(coeffs.shape)}")
+    if x_hat.numel() == 0:  # an empty batch
+        return torch.empty_like(x_hat, memory_format=torch.contiguous_format)
     return _poly_forward(x_hat, coeffs, fft_size, size, scale, shift, mask_input).contiguous()
 
 
@@ -462,6 +469,9 @@ def _poly_setup(ctx, inputs, output):
 def _poly_backward(ctx, grad):
     x_hat, coeffs, scale, shift = ctx.saved_tensors
     fft_size, size, mask_input = ctx.args
+    if x_hat.numel() == 0:  # an empty batch has zero gradients
+        return (torch.zeros_like(x_hat), None, None, None, None if scale is None else torch.zeros_like(scale),
+                None if shift is None else torch.zeros_like(shift), None)
     rank = len(fft_size)
     m, xp, u = _poly_argument(x_hat, fft_size, size, scale, shift, mask_input)
     c = coeffs.to(u.dtype)

@@ -67,15 +67,18 @@ def group_view(laid: torch.Tensor, groups: int, path: str) -> torch.Tensor:
 
 
 def flatten_groups(x_hat: torch.Tensor, groups: int, spectral_rank: int) -> torch.Tensor:
-    """``(*batch, C, *bins)`` → ``(N, g, C/g, F)``; an unbatched input has N = 1."""
-    channels = x_hat.shape[x_hat.dim() - spectral_rank - 1]
-    return x_hat.reshape(-1, groups, channels // groups, x_hat.shape[-spectral_rank:].numel())
+    """``(*batch, C, *bins)`` → ``(N, g, C/g, F)``; an unbatched input has N = 1. The
+    sizes are spelled out: a -1 is ambiguous for an empty batch."""
+    channel_dim = x_hat.dim() - spectral_rank - 1
+    channels = x_hat.shape[channel_dim]
+    return x_hat.reshape(x_hat.shape[:channel_dim].numel(), groups, channels // groups,
+                         x_hat.shape[-spectral_rank:].numel())
 
 
 def _unflatten(y: torch.Tensor, like: torch.Tensor, spectral_rank: int) -> torch.Tensor:
     """``(N, g, C/g, F)`` → the batch and bin shape of ``like``."""
     batch = like.shape[: like.dim() - spectral_rank - 1]
-    return y.reshape(*batch, -1, *like.shape[-spectral_rank:])
+    return y.reshape(*batch, y.shape[1] * y.shape[2], *like.shape[-spectral_rank:])
 
 
 # Below this many products a single broadcast product and sum beats a Python loop of

@@ -70,7 +70,11 @@ class SpectralOp:
 
         def forward(*args: Any) -> torch.Tensor:
             # Grad mode is off in here, so this reaches the backend kernel.
-            return overload(*args)
+            out = overload(*args)
+            # A kernel may return a view of its own temporary (a crop that keeps the
+            # layout); autograd forbids in-place writes into a view made inside a Function,
+            # which the caller's ``relu_()`` on the result would be.
+            return out.clone() if out._base is not None else out
 
         # Named after the op, so that a backward node reads ``specfx_<name>Backward``.
         differentiable = type(f"specfx_{self.name}", (torch.autograd.Function,), {

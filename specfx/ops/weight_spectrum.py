@@ -13,13 +13,24 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import math
+import os
+import threading
 import weakref
+from collections import OrderedDict
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from . import contraction, fourier
+
+# Budget of the global cache (SPECFX_SPECTRUM_CACHE_MB overrides it). It holds all the
+# spectra of RepLKNet-31B's 24 depthwise 31x31 kernels at 224x224 (92 MiB) for two input
+# sizes, or wav2vec2's positional conv (768x48x128, 16 groups; 99 MiB on 10 s of audio)
+# on up to 30 s of audio (243 MiB): the large kernels that lowering is for. A stream of
+# one-off weights, each spectrum 18 MiB for an 8x8x5x5 kernel on 256x256 inputs, stops
+# there instead of growing by gigabytes.
+DEFAULT_MAX_BYTES = 256 * 2**20
 
 
 def tap_positions(kernel_size: int, dilation: int, shift: int, fft_size: int, device) -> torch.Tensor:
@@ -131,7 +142,8 @@ def kernel_gradient(x_hat: torch.Tensor, grad: torch.Tensor, kernel_size: Sequen
 
 
 class SpectrumCache:
-    """Weight spectra kept across calls, one per (weight tensor, FFT geometry).
+    """Weight spectra kept across calls, one per (weight tensor, FFT geometry), within a
+    byte budget.
 
     An entry is reused only while the weight tensor is the same object, at the same
     autograd version (every in-place update — an optimizer step, ``load_state_dict`` —
@@ -152,71 +164,248 @@ class SpectrumCache:
     In training the weights change every step: the forward computes the spectrum (a miss),
     the backward's input gradient reads it (a hit), so it is computed once per step; the
     stale entry is dropped before the new spectrum is computed.
+
+    Budget: the spectra and the stored copies of the weights together hold at most
+    :attr:`max_bytes`, on whatever devices they are (the constructor's ``max_bytes``; the
+    global :data:`SPECTRUM_CACHE` reads it from the environment variable
+    ``SPECFX_SPECTRUM_CACHE_MB``, in MiB, at import, else :data:`DEFAULT_MAX_BYTES`). Past
+    it the least recently used entries go; a spectrum larger than the whole budget is
+    computed and returned but not cached, and ``0`` turns caching off. :attr:`nbytes` is
+    what is held now. Lowering :attr:`max_bytes` evicts at once. A training step whose
+    spectra exceed the budget loses the first layers' before its backward reads them, which
+    then computes them again.
+
+    Threads: calls may run concurrently with each other and with writes to the weights. A
+    miss takes the weight's stamp, then copies its values, and transforms that copy, so a
+    cached spectrum is always the spectrum of the values stored beside it, whatever is
+    written meanwhile; a call overlapping a write gets the weight before or after it, or,
+    like any op reading a tensor while another thread writes it, partly written. Hits take
+    no lock; the bookkeeping (insertion, eviction, dead weights) is under one lock, never
+    held while a spectrum is computed.
     """
 
-    def __init__(self, verify_contents: bool = True) -> None:
-        # id(weight) -> (weak reference to the weight, {geometry: entry}); an entry is
-        # (stamp, storage, contents, spectrum). Looked up by id on every call, so that a
-        # hit costs a dict lookup, not a weak-key wrapper per call.
-        self._entries: dict[int, tuple[weakref.ref, dict]] = {}
+    def __init__(self, verify_contents: bool = True, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        # id(weight) -> its record. Looked up by id on every call, so that a hit costs a
+        # dict lookup, not a weak-key wrapper per call.
+        self._records: dict[int, _Record] = {}
+        # (id(weight), geometry) of every entry, least recently used first. Hits move
+        # their key to the end without the lock: move_to_end, like the popitem that
+        # evicts, is one step under the GIL, and neither iterates.
+        self._lru: OrderedDict[tuple[int, tuple], _Record] = OrderedDict()
+        # Not reentrant: a weight's death callback can run inside a locked section of the
+        # same thread (any allocation there can collect garbage), and must then defer its
+        # work to _dead rather than edit the dicts under the section's feet.
+        self._lock = threading.Lock()
+        self._dead: list[tuple[int, weakref.ref]] = []
+        self._nbytes = 0
+        self._max_bytes = _check_budget(max_bytes)
         self.verify_contents = verify_contents
         self.hits = 0
         self.misses = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the cached spectra and the stored copies of their weights."""
+        return self._nbytes
+
+    @property
+    def max_bytes(self) -> int:
+        """The budget :attr:`nbytes` stays within; setting it evicts down to it."""
+        return self._max_bytes
+
+    @max_bytes.setter
+    def max_bytes(self, value: int) -> None:
+        self._lock.acquire()
+        try:
+            self._max_bytes = _check_budget(value)
+            self._evict_down_to(self._max_bytes)
+        finally:
+            self._release()
 
     def get(self, w: torch.Tensor, fft_size: Sequence[int], dilation: Sequence[int],
             shift: Sequence[int], groups: int, path: str) -> torch.Tensor:
         """The spectrum of ``w`` laid out for the contraction ``path``
         (:func:`weight_spectrum`), so the layout work is cached too."""
-        if w.is_inference() or not _is_plain_tensor(w):
+        if w.is_inference() or not is_plain_tensor(w):
             return weight_spectrum(w, fft_size, dilation, shift, groups, path)
         geometry = (tuple(fft_size), tuple(dilation), tuple(shift), groups, path)
         stamp = (w._version, w.data_ptr(), w.dtype, w.device, tuple(w.shape), w.stride(),
                  w.storage_offset())
-        per_weight = self._per_weight(w)
-        cached = per_weight.get(geometry)
-        if cached is not None and self._still_valid(cached, stamp, w):
-            self.hits += 1
-            return cached[3]
-        self.misses += 1
-        # Stale spectra go before the replacement is computed: in training the weights
-        # change every step, and holding both would add a spectrum to the step's peak.
-        for key in [key for key, entry in per_weight.items() if key == geometry or entry[0] != stamp]:
-            del per_weight[key]
-        spectrum = weight_spectrum(w, fft_size, dilation, shift, groups, path)
+        key = id(w)
+        record = self._records.get(key)
+        if record is not None and record.ref() is w:
+            entry = record.entries.get(geometry)
+            if entry is not None and entry.stamp == stamp and self._still_valid(entry, w):
+                try:
+                    self._lru.move_to_end((key, geometry))
+                except KeyError:  # evicted meanwhile; this call still has its spectrum
+                    pass
+                self.hits += 1
+                return entry.spectrum
+        return self._compute(w, geometry, stamp)
+
+    def _compute(self, w: torch.Tensor, geometry: tuple, stamp: tuple) -> torch.Tensor:
+        """A miss: transform a snapshot of ``w`` and cache the spectrum with it."""
+        self._lock.acquire()
+        try:
+            self.misses += 1
+            # Stale spectra go before the replacement is computed: in training the weights
+            # change every step, and holding both would add a spectrum to the step's peak.
+            record = self._record_of(w)
+            for key in [key for key, entry in record.entries.items() if key == geometry or entry.stamp != stamp]:
+                self._discard(record, key)
+        finally:
+            self._release()
+        # The stamp was taken before the snapshot, and the spectrum is of the snapshot: a
+        # write after the stamp leaves an entry that a later call either rejects (its stamp
+        # or values differ) or rightly reuses (the values are what was transformed).
+        storage = StorageWeakRef(w.untyped_storage())
         contents = w.detach().clone() if self.verify_contents else None
-        per_weight[geometry] = (stamp, StorageWeakRef(w.untyped_storage()), contents, spectrum)
+        spectrum = weight_spectrum(w if contents is None else contents, *geometry)
+        entry = _Entry(stamp, storage, contents, spectrum)
+        self._lock.acquire()
+        try:
+            self._insert(w, geometry, entry)
+        finally:
+            self._release()
         return spectrum
 
-    def _per_weight(self, w: torch.Tensor) -> dict:
-        """The entries of ``w`` (created empty); they die with ``w``."""
-        key = id(w)
-        found = self._entries.get(key)
-        if found is not None and found[0]() is w:
-            return found[1]
-        entries = self._entries
-
-        def forget(ref: weakref.ref) -> None:
-            if entries.get(key, (None,))[0] is ref:
-                del entries[key]
-
-        per_weight: dict = {}
-        entries[key] = (weakref.ref(w, forget), per_weight)
-        return per_weight
-
-    def _still_valid(self, cached, stamp, w: torch.Tensor) -> bool:
-        cached_stamp, cached_storage, contents, _ = cached
-        if cached_stamp != stamp:
-            return False
+    def _still_valid(self, entry: _Entry, w: torch.Tensor) -> bool:
         if self.verify_contents:
             # Equal values give the same spectrum, whatever storage holds them.
-            return contents is not None and _same_values(w.detach(), contents)
+            return entry.contents is not None and _same_values(w.detach(), entry.contents)
         # A live weak reference pins the storage object, so equal references mean the
         # same storage; an expired one means the cached storage is gone.
-        return not cached_storage.expired() and cached_storage == StorageWeakRef(w.untyped_storage())
+        return not entry.storage.expired() and entry.storage == StorageWeakRef(w.untyped_storage())
+
+    def _insert(self, w: torch.Tensor, geometry: tuple, entry: _Entry) -> None:
+        """Cache ``entry``, evicting the least recently used entries to make room; one
+        larger than the whole budget is not cached. Under the lock."""
+        if entry.nbytes > self._max_bytes:
+            return
+        # A concurrent miss of the same geometry may have cached its own snapshot: both
+        # are self-consistent, the later one replaces it.
+        record = self._record_of(w)
+        self._discard(record, geometry)
+        self._evict_down_to(self._max_bytes - entry.nbytes)
+        record.entries[geometry] = entry
+        self._lru[(record.key, geometry)] = record
+        self._nbytes += entry.nbytes
+
+    def _record_of(self, w: torch.Tensor) -> _Record:
+        """The record of ``w``, created empty; it dies with ``w``. Under the lock."""
+        key = id(w)
+        record = self._records.get(key)
+        if record is not None and record.ref() is w:
+            return record
+        if record is not None:
+            # A dead weight's, whose id ``w`` now has; its callback may not have run yet.
+            self._drop_record(key)
+        cache = weakref.ref(self)
+
+        def forget(ref: weakref.ref) -> None:
+            found = cache()
+            if found is not None:
+                found._dead.append((key, ref))
+                if found._lock.acquire(blocking=False):
+                    found._release()
+
+        record = _Record(key, weakref.ref(w, forget))
+        self._records[key] = record
+        return record
+
+    def _discard(self, record: _Record, geometry: tuple) -> None:
+        self._lru.pop((record.key, geometry), None)
+        entry = record.entries.pop(geometry, None)
+        if entry is not None:
+            self._nbytes -= entry.nbytes
+
+    def _drop_record(self, key: int) -> None:
+        record = self._records.pop(key)
+        for geometry in list(record.entries):
+            self._discard(record, geometry)
+
+    def _evict_down_to(self, limit: int) -> None:
+        """Evict the least recently used entries until at most ``limit`` bytes are held.
+        Under the lock."""
+        while self._nbytes > limit:
+            (_, geometry), record = self._lru.popitem(last=False)
+            self._discard(record, geometry)
+
+    def _release(self) -> None:
+        """Release the lock, first dropping the records of weights that died meanwhile."""
+        while True:
+            while self._dead:
+                key, ref = self._dead.pop()
+                record = self._records.get(key)
+                if record is not None and record.ref is ref:
+                    self._drop_record(key)
+            self._lock.release()
+            # A weight that died after the drain found the lock held and queued itself:
+            # drop it now, unless another thread holds the lock and will.
+            if not self._dead or not self._lock.acquire(blocking=False):
+                return
 
     def clear(self) -> None:
         """Forget every cached spectrum."""
-        self._entries = {}
+        self._lock.acquire()
+        try:
+            self._records = {}
+            self._lru = OrderedDict()
+            self._nbytes = 0
+        finally:
+            self._release()
+
+
+class _Record:
+    """A weight's cached spectra, by geometry, with its id and a weak reference to it."""
+
+    __slots__ = ("key", "ref", "entries")
+
+    def __init__(self, key: int, ref: weakref.ref) -> None:
+        self.key = key
+        self.ref = ref
+        self.entries: dict[tuple, _Entry] = {}
+
+
+class _Entry:
+    """A cached spectrum and what it was computed from; never changed, so that a hit
+    reading it without the lock sees a consistent entry."""
+
+    __slots__ = ("stamp", "storage", "contents", "spectrum", "nbytes")
+
+    def __init__(self, stamp: tuple, storage: StorageWeakRef, contents: Optional[torch.Tensor],
+                 spectrum: torch.Tensor) -> None:
+        self.stamp = stamp
+        self.storage = storage
+        self.contents = contents
+        self.spectrum = spectrum
+        self.nbytes = _nbytes(spectrum) + (0 if contents is None else _nbytes(contents))
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.untyped_storage().nbytes()
+
+
+def _check_budget(max_bytes: int) -> int:
+    if max_bytes < 0:
+        raise ValueError(f"a spectrum cache's budget is a number of bytes >= 0, got {max_bytes}")
+    return int(max_bytes)
+
+
+def _budget_from_environment() -> int:
+    """The global cache's budget: ``SPECFX_SPECTRUM_CACHE_MB`` (MiB, fractions allowed),
+    else :data:`DEFAULT_MAX_BYTES`."""
+    text = os.environ.get("SPECFX_SPECTRUM_CACHE_MB", "").strip()
+    if not text:
+        return DEFAULT_MAX_BYTES
+    try:
+        mib = float(text)
+    except ValueError:
+        mib = math.nan
+    if not mib >= 0:
+        raise ValueError(f"SPECFX_SPECTRUM_CACHE_MB must be a number of MiB >= 0, got {text!r}")
+    return int(mib * 2**20)
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -246,9 +435,9 @@ def _load_memcmp() -> Optional[Callable[[int, int, int], int]]:
 _MEMCMP = _load_memcmp()
 
 
-def _is_plain_tensor(t: torch.Tensor) -> bool:
+def is_plain_tensor(t: torch.Tensor) -> bool:
     """A real, eager tensor (not fake, functional or a tensor subclass being traced)."""
     return type(t) in (torch.Tensor, torch.nn.Parameter) and not torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
-SPECTRUM_CACHE = SpectrumCache()
+SPECTRUM_CACHE = SpectrumCache(max_bytes=_budget_from_environment())
