@@ -51,12 +51,15 @@ class Settings:
 
 @dataclasses.dataclass
 class PassContext:
-    """What every pass sees besides the graph: the settings, the report it adds to, and
-    the example inputs when the caller has real ones (fitting poly activations needs them)."""
+    """What every pass sees besides the graph: the settings, the report it adds to, the
+    example inputs when the caller has real ones (fitting poly activations needs them),
+    and the plans one pass hands to a later one (``chain_plans``: find_chains →
+    fuse_chains)."""
 
     settings: Settings
     report: Report
     example_inputs: Optional[tuple] = None
+    chain_plans: list = dataclasses.field(default_factory=list)
 
 
 Pass = Callable[[fx.GraphModule, PassContext], PassResult]
