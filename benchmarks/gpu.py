@@ -47,7 +47,7 @@ import torch.nn as nn
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH_DIR)
 
-from chains import ConvReluStack  # noqa: E402
+from chains import CausalLongConv, ConvReluStack  # noqa: E402
 from run import print_table  # noqa: E402
 
 from specfx.verify import scaled_error  # noqa: E402
@@ -57,18 +57,6 @@ DIRECT = ("cudnn", "inductor")
 
 
 # --- cases -----------------------------------------------------------------------------------
-
-class CausalConv1d(nn.Module):
-    """A causal depthwise long conv: padding k − 1, then the last k − 1 outputs dropped."""
-
-    def __init__(self, channels: int, k: int):
-        super().__init__()
-        self.conv = nn.Conv1d(channels, channels, k, padding=k - 1, groups=channels)
-        self.chomp = k - 1
-
-    def forward(self, x):
-        return self.conv(x)[..., :-self.chomp]
-
 
 @dataclasses.dataclass(frozen=True)
 class GpuCase:
@@ -88,7 +76,7 @@ class GpuCase:
         torch.manual_seed(0)
         channels, k = self.shape[1], self.kernel_size
         if self.causal:
-            module: nn.Module = CausalConv1d(channels, k)
+            module: nn.Module = CausalLongConv(channels, k, layers=1)
         elif self.layers > 1:
             module = ConvReluStack(channels, k, self.groups == channels, "zeros", self.layers)
         else:
@@ -106,7 +94,7 @@ class GpuCase:
         """The single conv fft-conv-pytorch can run in place of the model (None for chains)."""
         if self.layers > 1:
             return None
-        return module.conv if self.causal else module
+        return module.convs[0] if self.causal else module
 
 
 def _shape(shape: tuple[int, ...]) -> str:
@@ -221,7 +209,7 @@ def copy_bandwidth_gbps(nbytes: int = 1 << 30, rounds: int = 10) -> float:
 
 def mix_calls(gm: fx.GraphModule, x: torch.Tensor) -> list[tuple]:
     """The arguments of every ``spectral_mix`` the lowered model runs on ``x``, the ones
-    inside a merged ``spectral_conv`` included."""
+    inside a merged ``lowered_conv`` included."""
     ops = torch.ops.specfx
     calls: list[tuple] = []
 
@@ -229,7 +217,7 @@ def mix_calls(gm: fx.GraphModule, x: torch.Tensor) -> list[tuple]:
         def call_function(self, fn, args, kwargs):
             if fn is ops.spectral_mix.default:
                 calls.append(args)
-            elif fn is ops.spectral_conv.default:
+            elif fn is ops.lowered_conv.default:
                 x, weight, _, in_size, fft_size, dilation, shift, groups = args[:8]
                 calls.append((ops.to_spectrum(x, in_size, fft_size), weight, fft_size, dilation, shift, groups))
             return super().call_function(fn, args, kwargs)

@@ -22,14 +22,16 @@ ops is transformed once with ``to_spectrum`` (where each reader reads it, if an 
 write into it can be observed). The replaced spatial ops are erased. Afterwards the
 report's ``transforms`` counts the transforms the graph runs.
 
-The plan names nodes of the graph ``find_chains`` saw, before lowering: a conv's node
-(the chain's own, or one outside it that a chain op reads) is gone by now, and stands
-for the node carrying its name as ``specfx_replaces`` (its ``from_spectrum``, or an
-earlier chain's materialized value), which is where every new node reads it.
+The plans come from ``find_chains`` on ``ctx.chain_plans``. They name nodes of the graph
+``find_chains`` saw, before lowering: a conv's node (the chain's own, or one outside it
+that a chain op reads) is gone by now, and stands for the node carrying its name as
+``specfx_replaces`` (its ``from_spectrum``, or an earlier chain's materialized value),
+which is where every new node reads it; a chain conv's three lowered nodes are the
+:class:`~specfx.node_meta.LoweredConv` that ``lower_convs`` recorded on that node.
 
 A chain whose BatchNorm modules are affine maps only in eval mode keeps its original
 ops too: every spatial value the chain produces is read through
-:func:`specfx.chains.chain_outputs`, which, while such a module is in training mode,
+:func:`specfx.chains.runtime.chain_outputs`, which, while such a module is in training mode,
 returns what the original ops compute instead (a copy of them, a submodule without
 parameters of its own, run in stages where the chain's values are read).
 """
@@ -46,11 +48,14 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.infra.pass_base import PassResult
 
-from specfx import chains as ch
 from specfx import node_meta
+from specfx.chains.plan import ChainPlan
+from specfx.chains.recognize import ChainOp, OpKind, conv_geometry_of, rows_and_size
+from specfx.chains.runtime import batch_norm_affine, chain_outputs
 from specfx.canonical import bind_schema, conv_site, tensor_info, weight_value
-from specfx.capture import _keep_buffers_non_persistent_on_copy
+from specfx.capture import keep_buffers_non_persistent_on_copy
 from specfx.pipeline import PassContext
+from specfx.torch_compat import rename_as_fresh
 from specfx.side_effects import eliminate_dead_code
 
 OPS = torch.ops.specfx
@@ -59,14 +64,14 @@ CHAIN = "specfx_chain"  # node meta: the chain a node was added for
 
 def count_transforms(gm: fx.GraphModule) -> dict[str, int]:
     """Forward and inverse transforms the graph runs (an exact spectral activation and a
-    merged ``spectral_conv`` run one of each)."""
+    merged ``lowered_conv`` run one of each)."""
     fwd = inv = 0
     for n in gm.graph.nodes:
         if n.target is OPS.to_spectrum.default:
             fwd += 1
         elif n.target is OPS.from_spectrum.default:
             inv += 1
-        elif n.target in (OPS.spectral_activation.default, OPS.spectral_conv.default):
+        elif n.target in (OPS.spectral_activation.default, OPS.lowered_conv.default):
             fwd, inv = fwd + 1, inv + 1
     return {"forward": fwd, "inverse": inv}
 
@@ -83,7 +88,7 @@ class Value:
 
 
 class _Rewriter:
-    def __init__(self, gm: fx.GraphModule, plan: ch.ChainPlan) -> None:
+    def __init__(self, gm: fx.GraphModule, plan: ChainPlan) -> None:
         self.gm, self.graph, self.plan = gm, gm.graph, plan
         self.grid = list(plan.grid)
         self.rank = plan.rank
@@ -96,6 +101,12 @@ class _Rewriter:
         self.by_name = {n.name: n for n in self.graph.nodes}
         self.replaced = {n.meta[node_meta.REPLACES]: n for n in self.graph.nodes if node_meta.REPLACES in n.meta}
         self.materialized: dict[str, fx.Node] = {}  # a spectral op -> its from_spectrum
+        recorded = {n.meta[node_meta.REPLACES]: n.meta[node_meta.LOWERED] for n in self.graph.nodes
+                    if node_meta.LOWERED in n.meta}
+        missing = [c for c in plan.convs if c not in recorded]
+        if missing:
+            raise RuntimeError(f"specfx: fuse_chains found no lowered ops for conv {missing[0]!r}")
+        self.lowered = {c: recorded[c] for c in plan.convs}  # the chain's convs, as lower_convs made them
 
     # helpers ------------------------------------------------------------------------------
     def name_of(self, node: fx.Node) -> str:
@@ -217,33 +228,29 @@ class _Rewriter:
 
     # the rewrite ---------------------------------------------------------------------------
     def run(self) -> None:
-        lowered = {c: ch.lowered_nodes(self.gm, c) for c in self.plan.convs}
-        by_mix = {}
-        for conv, nodes in lowered.items():
-            if {"to", "mix", "from"} - set(nodes):
-                raise RuntimeError(f"specfx: fuse_chains found no lowered ops for conv {conv!r}")
-            by_mix[nodes["mix"]] = conv
+        lowered = self.lowered
+        by_mix = {nodes.spectral_mix: conv for conv, nodes in lowered.items()}
         for node in list(self.graph.nodes):
             if node in by_mix:
                 self.conv(by_mix[node], lowered[by_mix[node]])
             elif node.name in self.spectral:
                 self.op(node)
         for nodes in lowered.values():
-            for key in ("to", "from"):
-                if not nodes[key].users:
-                    self.graph.erase_node(nodes[key])
+            for end in (nodes.to_spectrum, nodes.from_spectrum):
+                if not end.users:
+                    self.graph.erase_node(end)
         for node in reversed(self.erase):
             if node.users:
                 raise RuntimeError(f"specfx: fuse_chains left {node.name} with users {list(node.users)}")
             self.graph.erase_node(node)
         if self.plan.modal:
-            outputs = [(c, nodes["from"]) for c, nodes in lowered.items() if nodes["from"].users]
+            outputs = [(c, nodes.from_spectrum) for c, nodes in lowered.items() if nodes.from_spectrum.users]
             outputs += list(self.materialized.items())
             order = {n: k for k, n in enumerate(self.graph.nodes)}
             self.training_fallback(sorted(outputs, key=lambda item: order[item[1]]))
 
-    def conv(self, conv: str, nodes: dict[str, fx.Node]) -> None:
-        to_c, mix_c, from_c = nodes["to"], nodes["mix"], nodes["from"]
+    def conv(self, conv: str, nodes: node_meta.LoweredConv) -> None:
+        to_c, mix_c, from_c = nodes
         x = bind_schema(to_c.target, to_c.args, to_c.kwargs)["x"]
         key = self.name_of(x)
         with self.graph.inserting_before(mix_c):
@@ -263,7 +270,7 @@ class _Rewriter:
         op = self.plan.ops[node.name]
         size = list(self.plan.sizes[node.name])
         with self.graph.inserting_before(node):
-            if op.kind == "act":
+            if op.kind is OpKind.ACTIVATION:
                 v = self.spectrum(op.inputs[0])
                 v = Value(v.node, self.arg(v.scale, f"{node.name}_scale"), self.arg(v.shift, f"{node.name}_shift"))
                 if self.plan.modes.get(node.name) == "poly":
@@ -276,12 +283,12 @@ class _Rewriter:
                                    (v.node, self.grid, size, v.scale, v.shift, op.activation, float(op.slope)),
                                    source=node)
                 value = Value(out)
-            elif op.kind == "affine":
+            elif op.kind is OpKind.AFFINE:
                 v = self.spectrum(op.inputs[0])
                 scale, shift = self.affine_terms(op, node, v.node)
                 shifted = None if v.shift is None else self.mul(v.shift, scale)  # (a·s + b)·scale + shift
                 value = Value(v.node, self.mul(v.scale, scale), self.plus(shifted, shift))
-            elif op.kind == "add":
+            elif op.kind is OpKind.ADD:
                 a, b = (self.spectrum(i) for i in op.inputs)
                 xa = a.node if a.scale is None else self.add(
                     OPS.spectral_affine.default, (a.node, self.grid, size, self.arg(a.scale, "scale"), None), source=node)
@@ -289,17 +296,17 @@ class _Rewriter:
                     OPS.spectral_affine.default, (b.node, self.grid, size, self.arg(b.scale, "scale"), None), source=node)
                 value = Value(self.add(OPS.spectral_add.default, (xa, xb), source=node), None,
                               self.plus(a.shift, b.shift))
-            elif op.kind == "slice":
+            elif op.kind.view:
                 value = self.spectrum(op.inputs[0])
             else:  # a direct conv or an average pool, as a channel contraction on the grid
                 x = op.inputs[0]
                 v = self.spectrum(x)
                 spectrum = self.plain(v, self.size(x), (node.name, self.name_of(x)) in self.masks, node)
-                if op.kind == "conv":
+                if op.kind is OpKind.CONV:
                     site = conv_site(self.gm, node)
                     w = weight_value(self.gm, site)
                     kernel = list((w.shape if w is not None else tensor_info(site.weight)[0])[2:])
-                    dilation, pads = ch.conv_geometry_of(site, tuple(kernel))
+                    dilation, pads = conv_geometry_of(site, tuple(kernel))
                     weight = self.weight(site)
                     bias = site.bias
                     if isinstance(bias, str):
@@ -320,13 +327,13 @@ class _Rewriter:
         self.erase.append(node)
 
     def plan_channels(self, node: fx.Node) -> int:
-        return int(ch.node_rows_and_size(node, self.rank)[1])
+        return int(rows_and_size(node, self.rank)[1])
 
-    def affine_terms(self, op: ch.ChainOp, node: fx.Node, spectrum: fx.Node):
+    def affine_terms(self, op: ChainOp, node: fx.Node, spectrum: fx.Node):
         """``(scale, shift)`` of an affine op (applied to ``spectrum``), computed in the
         graph from its parameters.
 
-        A BatchNorm module's come from :func:`specfx.chains.batch_norm_affine`, a call
+        A BatchNorm module's come from :func:`specfx.chains.runtime.batch_norm_affine`, a call
         that reads the module when it runs. Its running statistics are buffers, which
         ``symbolic_trace`` does not trace through: arithmetic on them in this graph would
         be frozen into constants by a second capture, while the call stays a call (and
@@ -334,7 +341,7 @@ class _Rewriter:
         if op.bn is None:
             return self.vector(op.scale), self.vector(op.shift)
         if node.op == "call_module":
-            terms = self.add(ch.batch_norm_affine, (self.attr(str(node.target)), spectrum), source=node)
+            terms = self.add(batch_norm_affine, (self.attr(str(node.target)), spectrum), source=node)
             return self.add(operator.getitem, (terms, 1)), self.add(operator.getitem, (terms, 0))
         weight, bias, mean, var, eps = op.bn
         weight, bias, mean, var = (self.vector(v) for v in (weight, bias, mean, var))
@@ -350,7 +357,7 @@ class _Rewriter:
                 op = self.plan.ops[user.name]
                 return any(self.name_of(i) == node.name for i in op.inputs) \
                     and not any(a is node for a in _non_chain_args(user, op, self))
-            return user.target is OPS.to_spectrum.default and user in self._lowered_to()
+            return user.target is OPS.to_spectrum.default and any(user is c.to_spectrum for c in self.lowered.values())
 
         spatial = [u for u in node.users if not spectral_reader(u)]
         if not spatial:
@@ -366,15 +373,9 @@ class _Rewriter:
         for user in spatial:
             user.replace_input_with(node, y)
 
-    def _lowered_to(self) -> set[fx.Node]:
-        if not hasattr(self, "_to_nodes"):
-            self._to_nodes = {ch.lowered_nodes(self.gm, c).get("to") for c in self.plan.convs}
-        return self._to_nodes
-
-
     def training_fallback(self, outputs: list[tuple[str, fx.Node]]) -> None:
         """Read each of the chain's spatial ``outputs`` (``(node name in the plan, node)``,
-        in graph order) through :func:`specfx.chains.chain_outputs`, with the original
+        in graph order) through :func:`specfx.chains.runtime.chain_outputs`, with the original
         ops that compute it, from ``plan.original``, as a stage of their own.
 
         A stage runs right after its output is computed: what the chain's ops read from
@@ -415,52 +416,32 @@ class _Rewriter:
                              if "specfx_module" in i.meta else self.current(i.meta["specfx_source"])
                              for i in inputs)
                 fused = (output,) + (None,) * (len(results) - 1)
-                chosen = self.add(ch.chain_outputs, (modal, original, fused, args))
+                chosen = self.add(chain_outputs, (modal, original, fused, args))
                 values = [self.add(operator.getitem, (chosen, j)) for j in range(len(results))]
             output.replace_all_uses_with(values[0], delete_user_cb=lambda user: user is not chosen)
             done.update(zip(results, values))
 
 
-def _non_chain_args(user: fx.Node, op: ch.ChainOp, rewriter: "_Rewriter") -> list[fx.Node]:
+def _non_chain_args(user: fx.Node, op: ChainOp, rewriter: "_Rewriter") -> list[fx.Node]:
     """Nodes ``user`` reads besides its chain inputs (e.g. a per-channel operand)."""
     names = {rewriter.name_of(i) for i in op.inputs}
     return [n for n in user.all_input_nodes if rewriter.name_of(n) not in names]
 
 
-def _rename_added_nodes(graph: fx.Graph) -> None:
-    """Give the nodes specfx added the names a fresh capture of this graph would give
-    them (fx never reuses the names of erased nodes: the first lowered conv's
-    ``from_spectrum_default`` gone, the next stays ``from_spectrum_default_1``), so that
-    optimizing the result again reproduces its code. Only added nodes are renamed: a kept
-    node keeps the name it has in the original graph (diffs match nodes by name)."""
-    try:
-        namespace = graph._graph_namespace
-        added = [n for n in graph.nodes
-                 if node_meta.LOWERED_FROM in n.meta and n.op not in ("placeholder", "output")]
-        namespace._used_names = {n.name for n in graph.nodes} - {n.name for n in added}
-        namespace._base_count = {}
-        for node in added:
-            base = node.target if node.op == "get_attr" else graph._target_to_str(node.target)
-            name = namespace.create_name(base, None)
-            node.name = name
-            namespace._rename_object(node, name)
-    except (AttributeError, TypeError):  # fx internals changed: names are cosmetic
-        pass
-
-
 def fuse_chains(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    modified = False
-    for decision in ctx.report.chains:
-        if decision.fused and decision.plan is not None:
-            _Rewriter(gm, decision.plan).run()
-            modified = True
-        # The plan names graph nodes: done with, it must not keep them alive in the
-        # report (which the optimized module carries, and copies and pickles).
-        decision.plan = None
+    for plan in ctx.chain_plans:
+        _Rewriter(gm, plan).run()
+    modified = bool(ctx.chain_plans)
+    # The plans name graph nodes: done with, they must not keep them alive.
+    ctx.chain_plans.clear()
     if modified:
         eliminate_dead_code(gm)
         # The chain's constants are non-persistent buffers: keep them so in copies.
-        _keep_buffers_non_persistent_on_copy(gm)
-        _rename_added_nodes(gm.graph)
+        keep_buffers_non_persistent_on_copy(gm)
+        # Added nodes take the names a fresh capture of this graph would give them (fx
+        # never reuses the names of erased nodes), so that optimizing the result again
+        # reproduces its code; kept nodes keep theirs (diffs match nodes by name).
+        rename_as_fresh(gm.graph, [n for n in gm.graph.nodes if node_meta.LOWERED_FROM in n.meta
+                                   and n.op not in ("placeholder", "output")])
     ctx.report.transforms = count_transforms(gm)
     return PassResult(gm, modified)

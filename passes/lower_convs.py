@@ -6,10 +6,15 @@ module), so the module's ``state_dict`` is unchanged; a parametrized weight (e.g
 ``weight_norm``) is read through the module attribute, i.e. computed in the graph on
 every call exactly as the module would. Each lowered conv first checks, per call, its
 input against its weight and its module against its plan (:mod:`specfx.guards`).
+
+A conv in a chain ``find_chains`` fused (``ctx.chain_plans``) is lowered onto the chain's
+shared grid instead of its own. The node computing each conv's output records the three
+lowered nodes (:data:`specfx.node_meta.LOWERED`), which ``fuse_chains`` rewrites.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Union
 
 import torch
@@ -18,12 +23,11 @@ import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassResult
 
 from specfx import guards, node_meta
-from specfx.canonical import ConvSite, TensorInfo, conv_site, tensor_info, weight_value
+from specfx.canonical import ConvSite, TensorInfo, conv_site, tensor_info, weight_shape
+from specfx.chains.plan import ConvPlan
 from specfx.overlap_save import join_blocks, split_blocks
 from specfx.sample_selection import emit_selection
-from specfx.pipeline import PassContext
-
-from .plan_convs import ConvPlan
+from specfx.pipeline import PassContext, at_node
 
 specfx_ops = torch.ops.specfx
 
@@ -49,9 +53,7 @@ def _checked_weight(gm: fx.GraphModule, site: ConvSite) -> fx.Node:
         return graph.call_function(guards.module_conv_weight, (
             module_node, weight, site.name, tuple(module.stride), module.padding, tuple(module.dilation),
             module.groups, module.padding_mode, tuple(module.weight.shape)))
-    shape = weight_value(gm, site)
-    shape = tuple(shape.shape) if shape is not None else tuple(tensor_info(site.weight)[0])
-    return graph.call_function(guards.conv_weight, (site.weight, site.name, shape))
+    return graph.call_function(guards.conv_weight, (site.weight, site.name, weight_shape(gm, site)))
 
 
 def _output_dtype(graph: fx.Graph, weight: fx.Node, plan: ConvPlan,
@@ -95,6 +97,7 @@ def _lower(gm: fx.GraphModule, site: ConvSite, plan: ConvPlan, input_info: Tenso
         y = graph.call_function(specfx_ops.from_spectrum.default,
                                 (y_hat, list(g.fft_size), list(g.out_size), list(g.stride), bias, out_dtype))
         new_nodes += [x_hat, y_hat, y]
+        lowered = node_meta.LoweredConv(x_hat, y_hat, y)
         if isinstance(out_dtype, fx.Node):
             new_nodes.append(out_dtype)
         if blocks is not None:
@@ -104,6 +107,7 @@ def _lower(gm: fx.GraphModule, site: ConvSite, plan: ConvPlan, input_info: Tenso
         new.meta.update({k: v for k, v in site.node.meta.items() if k in ("nn_module_stack", "stack_trace")})
         new.meta[node_meta.LOWERED_FROM] = site.name
     y.meta[node_meta.REPLACES] = site.node.name
+    y.meta[node_meta.LOWERED] = lowered
     site.node.replace_all_uses_with(y)
     graph.erase_node(site.node)
 
@@ -113,6 +117,12 @@ def lower_convs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     # conv's output would find a node without shape metadata.
     planned = [(node, tensor_info(conv_site(gm, node).input)) for node in gm.graph.nodes
                if getattr(node.meta.get(node_meta.PLAN), "lowered", False)]
+    chain_grids = {conv: plan.grid for plan in ctx.chain_plans for conv in plan.convs}
     for node, input_info in planned:
-        _lower(gm, conv_site(gm, node), node.meta[node_meta.PLAN], input_info)
+        plan = node.meta[node_meta.PLAN]
+        if node.name in chain_grids:
+            geometry = dataclasses.replace(plan.geometry, fft_size=tuple(chain_grids[node.name]))
+            plan = dataclasses.replace(plan, geometry=geometry)
+        with at_node(node):
+            _lower(gm, conv_site(gm, node), plan, input_info)
     return PassResult(gm, bool(planned))

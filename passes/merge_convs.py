@@ -1,4 +1,4 @@
-"""Run a lowered conv outside any chain as one ``spectral_conv`` call.
+"""Run a lowered conv outside any chain as one ``lowered_conv`` call.
 
 ``lower_convs`` emits ``to_spectrum → spectral_mix → from_spectrum`` so that
 ``fuse_chains`` can drop the transforms between convs. Where nothing but the conv's own
@@ -7,6 +7,8 @@ calls: on a 2-core CPU the 1D conv (2, 8, 4096) k64 ran in 0.62 ms as one call a
 0.78 ms as three. The triple becomes one node of the op that runs the same three
 implementations (and, where a gradient is needed, the same three ops). The node takes over
 the output node's metadata, so reports, diffs and verification still find the conv.
+As the last pass, it also records in the report which implementation each spectral op of
+the graph runs on the example inputs' device (``Report.implementations``).
 
 One call holds its input until it returns, where the three ops free it after the forward
 transform. A conv whose input dies there is merged only if that input is small
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 from torch.fx.passes.infra.pass_base import PassResult
 
+from specfx import ops
 from specfx.canonical import tensor_info
 from specfx.pipeline import PassContext
 
@@ -80,7 +83,7 @@ def merge_convs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         _, weight, _, dilation, shift, groups = mix.args
         _, _, out_size, stride, bias, out_dtype = out.args
         with graph.inserting_before(out):
-            conv = graph.call_function(OPS.spectral_conv.default, (
+            conv = graph.call_function(OPS.lowered_conv.default, (
                 x, weight, bias, in_size, fft_size, dilation, shift, groups, out_size, stride, out_dtype))
         conv.meta.update(out.meta)
         order[conv] = order[out]
@@ -88,4 +91,19 @@ def merge_convs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         for node in (out, mix, forward):
             graph.erase_node(node)
         modified = True
+    ctx.report.implementations = ops.implementations(_spectral_ops(graph), _device(ctx))
     return PassResult(gm, modified)
+
+
+def _spectral_ops(graph: fx.Graph) -> list[str]:
+    """The names of the spectral ops the graph calls, in order of first call."""
+    names = (n.target.overloadpacket.__name__ for n in graph.nodes
+             if isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == ops.library.NAMESPACE)
+    return list(dict.fromkeys(names))
+
+
+def _device(ctx: PassContext) -> torch.device:
+    """The device of the example inputs, which the optimized graph runs on (the CPU when
+    there are none)."""
+    tensors = [t for t in ctx.example_inputs or () if isinstance(t, torch.Tensor)]
+    return tensors[0].device if tensors else torch.device("cpu")

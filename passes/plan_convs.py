@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -16,25 +15,16 @@ from torch.fx.experimental.symbolic_shapes import optimization_hint
 from torch.fx.passes.infra.pass_base import PassResult
 
 from specfx import node_meta
-from specfx.canonical import ConvSite, find_conv_sites, tensor_info, weight_value
+from specfx.canonical import ConvSite, find_conv_sites, tensor_info, weight_shape, weight_value
+from specfx.chains.plan import ConvPlan
 from specfx.cost_model import (SMALL_DENSE_KERNEL, SMALL_DENSE_MARGIN, ConvCost, ConvShape, estimate,
                                estimate_overlap_save)
 from specfx.geometry import SpectralGeometry, overlap_save_geometry, plan_geometry, resolve_padding
 from specfx.measure import Progress, measure_conv
-from specfx.pipeline import PassContext
+from specfx.pipeline import PassContext, at_node
 from specfx.report import ConvDecision
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-@dataclasses.dataclass(frozen=True)
-class ConvPlan:
-    """How one conv is to be lowered: its grid, and the dtype its output keeps."""
-
-    name: str
-    lowered: bool
-    geometry: Optional[SpectralGeometry]
-    out_dtype: Optional[torch.dtype]
 
 
 def _describe(site: ConvSite, in_shape, w_shape, dtype) -> str:
@@ -88,8 +78,7 @@ def _cheapest_blocking(shape: ConvShape, length: int, padding: tuple[int, int], 
 
 def _plan(gm: fx.GraphModule, site: ConvSite, ctx: PassContext) -> tuple[ConvDecision, ConvPlan]:
     info = tensor_info(site.input)
-    w = weight_value(gm, site)
-    w_shape = tuple(w.shape) if w is not None else (tensor_info(site.weight) or (None,))[0]
+    w_shape = weight_shape(gm, site)
     in_shape, dtype = info if info is not None else (None, None)
     description = _describe(site, in_shape, w_shape, dtype)
 
@@ -164,7 +153,8 @@ def plan_convs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     sites = find_conv_sites(gm)
     progress = Progress(len(sites), "specfx: timing convs") if ctx.settings.policy == "measure" else None
     for done, site in enumerate(sites, 1):
-        decision, plan = _plan(gm, site, ctx)
+        with at_node(site.node):
+            decision, plan = _plan(gm, site, ctx)
         site.node.meta[node_meta.PLAN] = plan
         ctx.report.decisions.append(decision)
         if progress is not None:

@@ -12,13 +12,13 @@ from .api import explain, optimize
 from .backend import clear_compiled_reports, compiled_reports
 from .cost_model import CostProfile
 from .diff import GraphDiff, diff, diff_passes
-from .errors import CaptureError, ExampleInputError, SpecfxError, StalePlanError, VerificationError
+from .errors import CaptureError, ExampleInputError, PassError, SpecfxError, StalePlanError, VerificationError
 from .functional import spectral_conv
 from .report import ConvDecision, Report
 
 __all__ = [
     "optimize", "explain", "diff", "diff_passes", "GraphDiff", "spectral_conv", "Report", "ConvDecision",
     "CostProfile", "compiled_reports", "clear_compiled_reports",
-    "SpecfxError", "CaptureError", "ExampleInputError", "StalePlanError", "VerificationError",
+    "SpecfxError", "CaptureError", "ExampleInputError", "PassError", "StalePlanError", "VerificationError",
 ]
 __version__ = "0.1.0"

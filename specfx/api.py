@@ -1,22 +1,26 @@
-"""``specfx.optimize`` and ``specfx.explain``: capture → plan → rewrite → verify."""
+"""``specfx.optimize`` and ``specfx.explain``: capture → plan → rewrite → verify.
+
+Also the one place where what the caller asked for becomes :class:`~specfx.pipeline.Settings`
+for a run (:func:`resolve_settings`, which the ``torch.compile`` backend uses too).
+"""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from .capture import capture, check_frontend, fresh_inputs, run_module
-from .chains import approximate
+from .capture import capture, check_frontend, describe_inputs, fresh_inputs, run_module
 from .cost_model import CostProfile, profile_for_device
 from .errors import ExampleInputError
 from .pipeline import PassContext, Settings, run_pipeline
-from .report import Report
+from .report import Report, approximate
+from .torch_compat import add_deepcopy_hook
 from .verify import check_tolerance, measured_error
 from .verify import verify as verify_against
 
@@ -29,11 +33,6 @@ def _as_tuple(example_inputs: ExampleInputs) -> tuple:
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs)
     raise TypeError(f"example_inputs must be a tensor or a tuple of inputs, got {type(example_inputs).__name__}")
-
-
-def _describe_inputs(inputs: tuple) -> str:
-    return ", ".join(f"Tensor{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"
-                     if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs)
 
 
 def _prepare(model: nn.Module, example_inputs: ExampleInputs, frontend: str) -> tuple[nn.Module, tuple]:
@@ -49,7 +48,7 @@ def _prepare(model: nn.Module, example_inputs: ExampleInputs, frontend: str) -> 
         run_module(work, inputs)
     except Exception as err:
         raise ExampleInputError(
-            f"{type(model).__name__} raised on the example inputs ({_describe_inputs(inputs)}): "
+            f"{type(model).__name__} raised on the example inputs ({describe_inputs(inputs)}): "
             f"{type(err).__name__}: {err}") from err
     return work, inputs
 
@@ -61,6 +60,25 @@ def input_device(inputs: Sequence[Any]) -> torch.device:
         if isinstance(leaf, torch.Tensor):
             return leaf.device
     return torch.device("cpu")
+
+
+def resolve_settings(options: Optional[Mapping[str, Any]], example_inputs: Sequence[Any]) -> Settings:
+    """The :class:`Settings` that ``options`` (field names to values) ask for, checked,
+    with the cost model's rates for the device of ``example_inputs`` unless ``options``
+    give a ``profile``: the GPU defaults on CUDA, this machine's CPU profile otherwise.
+
+    Raises:
+        ValueError: a key is not a field of :class:`Settings` (all such keys are named),
+            or a value is not one the field accepts.
+    """
+    options = dict(options or {})
+    known = [field.name for field in dataclasses.fields(Settings)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"unknown specfx option(s) {', '.join(map(repr, unknown))}: the options are {known}")
+    if options.get("profile") is None:
+        options["profile"] = profile_for_device(input_device(example_inputs))
+    return Settings(**options)
 
 
 def _on_meta(inputs: tuple) -> bool:
@@ -81,7 +99,7 @@ class _ReportOnCopy:
 
 def _attach_report(gm: fx.GraphModule, report: Report) -> None:
     gm.specfx_report = report
-    gm._register_deepcopy_hook(_ReportOnCopy(report))
+    add_deepcopy_hook(gm, _ReportOnCopy(report))
 
 
 def _snapshot(gm: fx.GraphModule) -> fx.GraphModule:
@@ -116,7 +134,8 @@ def optimize(model: nn.Module, example_inputs: ExampleInputs, *, policy: str = "
         verify_tol: error accepted, relative to each output's largest magnitude
             (default per dtype: fp64 1e-10, fp32 1e-4, fp16 1e-2, bf16 5e-2).
         frontend: ``"auto"`` (``symbolic_trace``, then ``export``), or one of them.
-        profile: the rates the cost model uses; by default the profile written by
+        profile: the rates the cost model uses; by default those for the example
+            inputs' device: the GPU defaults on CUDA, else the profile written by
             ``python -m specfx.calibrate`` on this machine, else built-in defaults.
         spectral_activation: between the convs of a fused chain, ``"exact"`` (inverse
             transform, mask, activation, forward transform in one op; exact) or ``"poly"``
@@ -126,17 +145,21 @@ def optimize(model: nn.Module, example_inputs: ExampleInputs, *, policy: str = "
         chains: fuse conv -> ... -> conv chains (``False``: lower each conv on its own).
         poly_degree: the degree of fitted poly activations.
 
+    ``policy``, ``profile``, ``spectral_activation``, ``chains`` and ``poly_degree`` are the
+    fields of :class:`specfx.pipeline.Settings` (shared with the ``torch.compile`` backend's
+    options and the ``specfx`` command's flags), checked before any work is done.
+
     Returns:
         An ``fx.GraphModule`` with the original's ``state_dict`` keys, and the report of
         what was done as ``.specfx_report``.
     """
     from specfx.passes import PIPELINE
 
-    settings = Settings(policy, profile, spectral_activation, chains, poly_degree)  # checks them
+    # Resolved (and so checked) from the caller's inputs, before _prepare copies and runs anything.
+    settings = resolve_settings(dict(policy=policy, profile=profile, spectral_activation=spectral_activation,
+                                     chains=chains, poly_degree=poly_degree), _as_tuple(example_inputs))
     check_tolerance(verify_tol)
     work, inputs = _prepare(model, example_inputs, frontend)
-    if profile is None:
-        settings = dataclasses.replace(settings, profile=profile_for_device(input_device(inputs)))
     notes: list[str] = []
     gm, frontend_used = capture(work, inputs, frontend, notes)
     reference = _snapshot(gm)
@@ -159,13 +182,13 @@ def optimize(model: nn.Module, example_inputs: ExampleInputs, *, policy: str = "
 def explain(model: nn.Module, example_inputs: ExampleInputs, *, policy: str = "auto",
             frontend: str = "auto", profile: Optional[CostProfile] = None,
             spectral_activation: str = "exact", chains: bool = True, poly_degree: int = 2) -> Report:
-    """The report :func:`optimize` would produce, without rewriting anything."""
+    """The report :func:`optimize` would produce, without rewriting anything; the
+    arguments are :func:`optimize`'s."""
     from specfx.passes import PIPELINE
 
-    settings = Settings(policy, profile, spectral_activation, chains, poly_degree)  # checks them
+    settings = resolve_settings(dict(policy=policy, profile=profile, spectral_activation=spectral_activation,
+                                     chains=chains, poly_degree=poly_degree), _as_tuple(example_inputs))
     work, inputs = _prepare(model, example_inputs, frontend)
-    if profile is None:
-        settings = dataclasses.replace(settings, profile=profile_for_device(input_device(inputs)))
     notes: list[str] = []
     gm, frontend_used = capture(work, inputs, frontend, notes)
     report = Report(frontend=frontend_used, policy=policy, applied=False, capture_notes=notes)

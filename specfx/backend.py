@@ -1,10 +1,11 @@
 """The ``torch.compile`` backend: ``torch.compile(model, backend="specfx")``.
 
 Dynamo hands the backend one graph per captured region (a model with graph breaks gives
-several). Each goes through the same passes as :func:`specfx.optimize` — planned convs
-become ``to_spectrum → spectral_mix → from_spectrum`` — and is then compiled by Inductor
-(``compile_fx``), so everything else in the graph is compiled as with the default backend,
-and the spectral ops run as opaque custom ops inside it.
+several). Each goes through the same passes as :func:`specfx.optimize` — a planned conv
+becomes one ``lowered_conv`` call, or ``to_spectrum → spectral_mix → from_spectrum``
+inside a fused chain — and is then compiled by Inductor (``compile_fx``), so everything
+else in the graph is compiled as with the default backend, and the spectral ops run as
+opaque custom ops inside it.
 
 The backend is registered by the package's ``torch_dynamo_backends`` entry point, never at
 import (a second registration raises "duplicate name: specfx"): after installing specfx,
@@ -12,8 +13,10 @@ import (a second registration raises "duplicate name: specfx"): after installing
 point imports this module, which imports :mod:`specfx` and so registers the spectral ops.
 
 Options: ``torch.compile(model, backend="specfx", options={"policy": "always"})`` — the
-keys are the fields of :class:`specfx.pipeline.Settings`; any other key raises. ``mode``
-is passed on to Inductor. Chain fusion (``"chains"``, ``"spectral_activation"``) works
+keys are the fields of :class:`specfx.pipeline.Settings`, resolved as
+:func:`specfx.optimize` resolves its arguments (:func:`specfx.api.resolve_settings`: the
+cost profile follows the example inputs' device); any other key raises. ``mode`` is
+passed on to Inductor. Chain fusion (``"chains"``, ``"spectral_activation"``) works
 as in :func:`specfx.optimize`, except that Dynamo hands the backend fake example inputs,
 so ``spectral_activation="poly"`` can only use polynomials it need not fit (the square);
 other activations stay exact, with the reason in the report.
@@ -36,17 +39,15 @@ agrees with eager to that dtype's precision.
 from __future__ import annotations
 
 import collections
-import dataclasses
-import difflib
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.fx as fx
 from torch._guards import CompileContext
 
-from .api import input_device
-from .cost_model import profile_for_device
-from .pipeline import PassContext, Settings, run_pipeline
+from .api import resolve_settings
+from .diff import unified_diff
+from .pipeline import PassContext, run_pipeline
 from .report import Report
 
 TRACE_ARTIFACT = "specfx_graph_diff"
@@ -72,23 +73,6 @@ def clear_compiled_reports() -> None:
     _REPORTS.clear()
 
 
-def settings_from_options(options: Optional[Mapping[str, Any]]) -> Settings:
-    """:class:`Settings` from ``torch.compile``'s ``options``; unknown keys raise."""
-    known = [field.name for field in dataclasses.fields(Settings)]
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise ValueError(f"unknown specfx option(s) {', '.join(map(repr, unknown))}: "
-                         f"torch.compile(..., backend='specfx', options=...) accepts {known}")
-    return Settings(**options)
-
-
-def graph_diff(before: str, after: str, name: str) -> str:
-    """Unified diff of a graph's Python code before and after the specfx passes."""
-    return "".join(difflib.unified_diff(before.splitlines(keepends=True), after.splitlines(keepends=True),
-                                        fromfile=f"{name} (captured)", tofile=f"{name} (specfx)"))
-
-
 def specfx_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
                    options: Optional[Mapping[str, Any]] = None,
                    mode: Optional[str] = None) -> Callable[..., Any]:
@@ -108,9 +92,7 @@ def specfx_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
 
     from specfx.passes import PIPELINE
 
-    settings = settings_from_options(options)
-    if "profile" not in (options or {}):
-        settings = dataclasses.replace(settings, profile=profile_for_device(input_device(example_inputs)))
+    settings = resolve_settings(options, example_inputs)
     compile_id = CompileContext.current_compile_id()
     name = f"graph {compile_id}" if compile_id is not None else "graph"
     report = Report(frontend="dynamo", policy=settings.policy)
@@ -121,6 +103,6 @@ def specfx_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
     torch._logging.trace_structured(
         "artifact",
         metadata_fn=lambda: {"name": TRACE_ARTIFACT, "encoding": "string"},
-        payload_fn=lambda: graph_diff(before, after, name),
+        payload_fn=lambda: unified_diff(before, after, f"{name} (captured)", f"{name} (specfx)"),
     )
     return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)

@@ -13,30 +13,18 @@ import argparse
 import dataclasses
 import statistics
 import sys
-import time
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from . import ops
-from .cost_model import CostProfile, default_profile_path
-from .measure import settle_allocator
-
-
-def _median_s(fn: Callable[[], object], repeats: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from .rates import CostProfile, default_profile_path
+from .measure import median_seconds, settle_allocator
 
 
 def _conv_gflops(x: torch.Tensor, w: torch.Tensor, groups: int) -> float:
     k = w.shape[-1]
-    seconds = _median_s(lambda: F.conv2d(x, w, padding=k // 2, groups=groups))
+    seconds = median_seconds(lambda: F.conv2d(x, w, padding=k // 2, groups=groups))
     flop = 2.0 * x.shape[0] * w.shape[0] * w.shape[1] * k * k * x.shape[-2] * x.shape[-1]
     return flop / seconds / 1e9
 
@@ -74,27 +62,27 @@ def measure_profile() -> CostProfile:
         grid = torch.randn(128, 48, 48)
         spectrum = torch.fft.rfftn(grid, s=(64, 64), dim=(-2, -1))
         transform_flop = 128 * 2.5 * 64 * 64 * 12
-        fft = transform_flop / _median_s(lambda: torch.fft.rfftn(grid, s=(64, 64), dim=(-2, -1))) / 1e9
-        inverse_fft = transform_flop / _median_s(lambda: torch.fft.irfftn(spectrum, s=(64, 64), dim=(-2, -1))) / 1e9
+        fft = transform_flop / median_seconds(lambda: torch.fft.rfftn(grid, s=(64, 64), dim=(-2, -1))) / 1e9
+        inverse_fft = transform_flop / median_seconds(lambda: torch.fft.irfftn(spectrum, s=(64, 64), dim=(-2, -1))) / 1e9
 
         a = torch.randn(2048, 8, 64, dtype=torch.complex64)
         b = torch.randn(2048, 64, 64, dtype=torch.complex64)
-        gemm = 8.0 * 2048 * 8 * 64 * 64 / _median_s(lambda: torch.matmul(a, b)) / 1e9
+        gemm = 8.0 * 2048 * 8 * 64 * 64 / median_seconds(lambda: torch.matmul(a, b)) / 1e9
 
         u = torch.randn(4, 64, 64 * 33, dtype=torch.complex64)
         v = torch.randn(64, 64 * 33, dtype=torch.complex64)
-        bandwidth = 2 * u.numel() * 8 / _median_s(lambda: u * v) / 1e9
+        bandwidth = 2 * u.numel() * 8 / median_seconds(lambda: u * v) / 1e9
 
         tiny, tiny_kernel, tiny_bias = torch.randn(1, 1, 8), torch.randn(1, 1, 3), torch.randn(1)
-        overhead_ms = _median_s(lambda: ops.to_spectrum(tiny, [8], [8]), repeats=51) * 1e3
-        conv_overhead_ms = _median_s(lambda: ops.spectral_conv(tiny, tiny_kernel, tiny_bias, [8], [8], [1], [0], 1,
-                                                               [6], [1], torch.float32), repeats=51) * 1e3
+        overhead_ms = median_seconds(lambda: ops.to_spectrum(tiny, [8], [8]), repeats=51) * 1e3
+        conv_overhead_ms = median_seconds(lambda: ops.lowered_conv(tiny, tiny_kernel, tiny_bias, [8], [8], [1], [0], 1,
+                                                              [6], [1], torch.float32), repeats=51) * 1e3
 
         # A block above the mmap ceiling, written fresh vs written again.
         mib = 64
         reused = torch.empty(mib << 20, dtype=torch.uint8)
-        fresh_s = _median_s(lambda: torch.empty(mib << 20, dtype=torch.uint8).fill_(0))
-        fresh_page = max(0.0, fresh_s - _median_s(lambda: reused.fill_(0))) * 1e3 / mib
+        fresh_s = median_seconds(lambda: torch.empty(mib << 20, dtype=torch.uint8).fill_(0))
+        fresh_page = max(0.0, fresh_s - median_seconds(lambda: reused.fill_(0))) * 1e3 / mib
     return CostProfile(dense_direct_gflops=dense, direct_channel_block=channel_block, depthwise_fast_gflops=fast,
                        depthwise_fast_max_kernel=fast_max_kernel, depthwise_slow_gflops=slow,
                        depthwise_channels_last_gflops=depthwise_cl, fft_gflops=fft, inverse_fft_gflops=inverse_fft,

@@ -213,6 +213,16 @@ def weight_value(gm: fx.GraphModule, site: ConvSite) -> Optional[torch.Tensor]:
     return None
 
 
+def weight_shape(gm: fx.GraphModule, site: ConvSite) -> Optional[tuple[int, ...]]:
+    """The weight's shape: from the tensor where the module holds it, else from the graph's
+    shape metadata; ``None`` where neither knows it."""
+    weight = weight_value(gm, site)
+    if weight is not None:
+        return tuple(weight.shape)
+    info = tensor_info(site.weight)
+    return tuple(info[0]) if info is not None else None
+
+
 def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
     value: Any = gm
     for part in target.split("."):

@@ -25,6 +25,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from . import guards
 from .errors import CaptureError
+from .torch_compat import add_deepcopy_hook
 
 FRONTENDS = ("symbolic_trace", "export")
 
@@ -91,9 +92,9 @@ class _NonPersistentBuffers:
         copied._non_persistent_buffers_set.update(name for name in self.names if name in copied._buffers)
 
 
-def _keep_buffers_non_persistent_on_copy(gm: fx.GraphModule) -> None:
+def keep_buffers_non_persistent_on_copy(gm: fx.GraphModule) -> None:
     if gm._non_persistent_buffers_set:
-        gm._register_deepcopy_hook(_NonPersistentBuffers(frozenset(gm._non_persistent_buffers_set)))
+        add_deepcopy_hook(gm, _NonPersistentBuffers(frozenset(gm._non_persistent_buffers_set)))
 
 
 class _Tracer(fx.Tracer):
@@ -186,8 +187,7 @@ class InputGuards(nn.Module):
         try:
             return self.guards(*args)
         except AssertionError as err:
-            got = ", ".join(f"Tensor{tuple(a.shape)}" if isinstance(a, torch.Tensor) else type(a).__name__
-                            for a in args)
+            got = describe_inputs(args)
             raise ValueError(
                 f"specfx: this module was captured with torch.export for inputs like "
                 f"({self.captured_for}) and cannot run on ({got}): {_first_line(err)}; run "
@@ -202,9 +202,7 @@ def _export(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     gm = program.module()
     guards = getattr(gm, "_guards_fn", None)
     if isinstance(guards, nn.Module):
-        captured_for = ", ".join(f"Tensor{tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-                                 for x in example_inputs)
-        gm._guards_fn = InputGuards(guards, captured_for)
+        gm._guards_fn = InputGuards(guards, describe_inputs(example_inputs))
     return gm
 
 
@@ -231,7 +229,7 @@ def capture(model: nn.Module, example_inputs: tuple, frontend: str = "auto",
             continue
         if notes is not None:
             notes.extend(f"{failure} (fell back to {name})" for failure in failures)
-        _keep_buffers_non_persistent_on_copy(gm)
+        keep_buffers_non_persistent_on_copy(gm)
         return gm, name
     raise CaptureError(f"could not capture {type(model).__name__} as an fx graph:\n  " + "\n  ".join(failures))
 
@@ -239,6 +237,13 @@ def capture(model: nn.Module, example_inputs: tuple, frontend: str = "auto",
 def check_frontend(frontend: str) -> None:
     if frontend != "auto" and frontend not in FRONTENDS:
         raise ValueError(f"frontend must be 'auto' or one of {FRONTENDS}, got {frontend!r}")
+
+
+def describe_inputs(inputs: tuple) -> str:
+    """``inputs`` for a message: ``Tensor(2, 3, 8, 8) float32`` per tensor, the type's name
+    for anything else."""
+    return ", ".join(f"Tensor{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
+                     if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs)
 
 
 def _first_line(err: BaseException) -> str:

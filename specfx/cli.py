@@ -1,7 +1,13 @@
 """The ``specfx`` command: explain and diff what specfx does to a model.
 
-    specfx explain MODEL --input 1,3,224,224 [--dtype float32] [--policy auto]
-    specfx diff MODEL --input 1,3,224,224 [--table] [--passes] [--html report.html]
+    specfx explain MODEL --input 1,3,224,224 [--dtype float32] [SETTINGS]
+    specfx diff MODEL --input 1,3,224,224 [--table] [--passes] [--html report.html] [SETTINGS]
+    specfx passes
+
+SETTINGS are one flag per field of :class:`specfx.pipeline.Settings` (``--policy``,
+``--profile PATH``, ``--spectral-activation``, ``--chains/--no-chains``,
+``--poly-degree N``), generated from its fields, with their defaults. ``specfx passes``
+lists the pipeline: each pass, what it does and the passes it requires.
 
 MODEL is ``module_or_path:factory``: a dotted module, or a path to a ``.py`` file, and the
 name in it of a callable that takes no arguments and returns an ``nn.Module`` (a module
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import importlib.machinery
 import importlib.util
@@ -27,15 +34,15 @@ import os
 import pathlib
 import sys
 import types
-from typing import Callable, Iterator, NoReturn, Optional, Sequence
+from typing import Any, Callable, Iterator, NoReturn, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from .api import explain, optimize
 from .capture import FRONTENDS
-from .diff import diff
-from .pipeline import POLICIES
+from .diff import diff, seeded_inputs
+from .pipeline import Settings, describe_passes
 
 EXIT_FAILED = 1  # the model could not be loaded, built, run or optimized
 EXIT_USAGE = 2   # the command line itself is malformed (argparse's own convention)
@@ -204,7 +211,8 @@ def build_model(spec: str, dtype: torch.dtype) -> nn.Module:
 
 
 def make_inputs(shapes: Sequence[tuple[int, ...]], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """Seeded random inputs of ``shapes`` (zeros for integer dtypes, e.g. token ids)."""
+    """Seeded random inputs of ``shapes`` (:func:`specfx.diff.seeded_inputs`), refused
+    on one line where they could not be allocated."""
     described = " ".join(f"--input {','.join(map(str, shape))}" for shape in shapes)
     needed = sum(math.prod(shape) for shape in shapes) * dtype.itemsize
     memory = _physical_memory()
@@ -213,10 +221,8 @@ def make_inputs(shapes: Sequence[tuple[int, ...]], dtype: torch.dtype) -> tuple[
     if memory is not None and needed > memory:
         raise CommandError(f"{described} would take {needed / 2**30:.4g} GiB as {_dtype_name(dtype)}, "
                            f"more than this machine's {memory / 2**30:.4g} GiB of memory")
-    generator = torch.Generator().manual_seed(0)
     try:
-        return tuple(torch.randn(shape, dtype=dtype, generator=generator) if dtype.is_floating_point
-                     else torch.zeros(shape, dtype=dtype) for shape in shapes)
+        return seeded_inputs([(shape, dtype) for shape in shapes])
     except (RuntimeError, MemoryError) as err:  # too large for torch's size arithmetic, or for the allocator
         raise CommandError(f"cannot allocate {described} as {_dtype_name(dtype)}: "
                            f"{_one_line(err)}") from err
@@ -239,6 +245,42 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {'; '.join(lines)}" if lines else type(err).__name__
 
 
+def _parsed_by(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` as an argparse ``type``: a value it rejects (a missing or malformed
+    file too) is a usage error naming the value, not a traceback."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except (OSError, ValueError) as err:
+            raise argparse.ArgumentTypeError(f"{text!r}: {_one_line(err)}") from err
+
+    return convert
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field of :class:`Settings`: ``--policy`` for ``policy``, a
+    ``--flag/--no-flag`` pair for a bool, a value of the default's type otherwise (or what
+    the field's ``parse`` makes of its text). A flag left out is not set on the namespace,
+    so the field keeps its default (see :func:`settings_options`)."""
+    for field in dataclasses.fields(Settings):
+        meta = field.metadata
+        flag = "--" + field.name.replace("_", "-")
+        shown = "" if field.default is None else f" (default: {field.default})"
+        if isinstance(field.default, bool):
+            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=meta["help"] + shown)
+            continue
+        parse = _parsed_by(meta["parse"]) if "parse" in meta else type(field.default)
+        parser.add_argument(flag, dest=field.name, type=parse, choices=meta.get("choices"),
+                            metavar=meta.get("metavar"), default=argparse.SUPPRESS, help=meta["help"] + shown)
+
+
+def settings_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`Settings` fields the command line set, as keyword arguments."""
+    return {field.name: getattr(args, field.name) for field in dataclasses.fields(Settings)
+            if hasattr(args, field.name)}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="specfx", description="Inspect what specfx does to a model's convolutions.",
                      epilog="Exit status: 0 done, 1 the model failed, 2 malformed command line.")
@@ -251,9 +293,9 @@ def _parser() -> argparse.ArgumentParser:
                          required=True, help="shape of one positional input, e.g. 1,3,224,224 (repeatable)")
         sub.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                          help="dtype of the inputs, and of the model for floating dtypes (default: float32)")
-        sub.add_argument("--policy", choices=POLICIES, default="auto", help="which convs to lower (default: auto)")
         sub.add_argument("--frontend", choices=("auto", *FRONTENDS), default="auto",
                          help="how to capture the model (default: auto)")
+        add_settings_arguments(sub)
 
     explain_parser = commands.add_parser("explain", help="print the report: each conv's decision and why")
     add_model_arguments(explain_parser)
@@ -263,18 +305,25 @@ def _parser() -> argparse.ArgumentParser:
     diff_parser.add_argument("--passes", action="store_true", help="also print the diff of each pass")
     diff_parser.add_argument("--html", metavar="PATH", type=pathlib.Path,
                              help="write a self-contained HTML report to PATH")
+    commands.add_parser("passes", help="list the passes of the pipeline, in order, with what each requires")
     return parser
 
 
 def _run(args: argparse.Namespace) -> None:
+    if args.command == "passes":
+        from specfx.passes import PIPELINE
+
+        print("\n".join(describe_passes(PIPELINE)))
+        return
     dtype = DTYPES[args.dtype]
     inputs = make_inputs(args.inputs, dtype)  # first: a shape that cannot be allocated fails fast
     model = build_model(args.model, dtype)
+    options = settings_options(args)
     with _user_code():  # capture, verification or the model itself; all reported alike
         if args.command == "explain":
-            print(explain(model, inputs, policy=args.policy, frontend=args.frontend))
+            print(explain(model, inputs, frontend=args.frontend, **options))
             return
-        fast = optimize(model, inputs, policy=args.policy, frontend=args.frontend)
+        fast = optimize(model, inputs, frontend=args.frontend, **options)
         graph_diff = diff(model, fast, inputs)
     print(graph_diff.unified() or f"no change to the graph ({graph_diff.summary()})\n", end="")
     if args.table:

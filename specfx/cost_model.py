@@ -9,16 +9,16 @@ ones keep a fast kernel), FFTs and complex GEMMs run at a fraction of peak.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
 from .geometry import SpectralGeometry
-from .ops import contraction
+from .gpu_costs import CUDA_PROFILE
+# CostProfile, default_profile_path and MMAP_CEILING_BYTES are also read from here.
+from .rates import (ACCUMULATE, DEFAULT_PROFILE, MMAP_CEILING_BYTES, CostProfile, choose_path,  # noqa: F401
+                    default_profile_path)
 
 # Kernels this small are what direct conv libraries are tuned for; policy="auto" lowers
 # them only when the FFT is estimated to win by a wide margin (a 'valid' conv on a small
@@ -27,83 +27,12 @@ SMALL_DENSE_KERNEL = 7
 SMALL_DENSE_MARGIN = 2.0
 
 
-@dataclasses.dataclass(frozen=True)
-class CostProfile:
-    """Sustained rates of the kernels each path runs on, in GFLOP/s or GB/s.
-
-    Depthwise direct convs run on a fast kernel up to ``depthwise_fast_max_kernel`` and on
-    a slow path above it (oneDNN's cliff: k ≤ 9 here, k ≤ 13 on other CPUs); channels-last
-    inputs keep a fast kernel at every size. Dense direct kernels compute
-    ``direct_channel_block`` output channels at a time (two AVX2 registers of 8 floats in
-    oneDNN), so a group with fewer output channels leaves part of each block idle: 8→8
-    convs ran at 62–72 GF/s here against 140–180 for 16 or more output channels.
-    ``fresh_page_ms_per_mib`` is the cost of first touching newly mapped memory (see
-    :func:`fresh_pages_ms`). ``per_op_overhead_ms`` is the fixed cost of one spectral op
-    call (a chain's ops), ``conv_overhead_ms`` that of one lowered conv outside a chain
-    (one ``spectral_conv`` call running three ops' worth of Python: 0.16–0.20 ms here on a
-    tiny input, against 0.035–0.04 ms for one ``to_spectrum``).
-    """
-
-    dense_direct_gflops: float = 160.0
-    direct_channel_block: int = 16
-    depthwise_fast_gflops: float = 70.0
-    depthwise_fast_max_kernel: int = 9
-    depthwise_slow_gflops: float = 4.7
-    depthwise_channels_last_gflops: float = 60.0
-    fft_gflops: float = 27.0
-    inverse_fft_gflops: float = 20.0
-    complex_gemm_gflops: float = 64.0
-    memory_gbps: float = 34.0
-    per_op_overhead_ms: float = 0.06
-    conv_overhead_ms: float = 0.18
-    fresh_page_ms_per_mib: float = 0.45
-
-    def save(self, path: Union[str, Path, None] = None) -> Path:
-        """Write the profile as JSON (to :func:`default_profile_path` by default)."""
-        target = Path(path) if path is not None else default_profile_path()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(dataclasses.asdict(self), indent=1))
-        return target
-
-    @classmethod
-    def load(cls, path: Union[str, Path, None] = None) -> "CostProfile":
-        """The profile saved at ``path`` (or the default path); the built-in defaults when
-        no file is there. Unknown keys in the file are an error, not silently dropped."""
-        source = Path(path) if path is not None else default_profile_path()
-        if not source.is_file():
-            if path is not None:
-                raise FileNotFoundError(f"no cost profile at {source}")
-            return cls()
-        values = json.loads(source.read_text())
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"cost profile {source} has unknown keys {sorted(unknown)}")
-        return cls(**values)
-
-
-def default_profile_path() -> Path:
-    """``$SPECFX_PROFILE``, else ``~/.cache/specfx/profile.json``."""
-    env = os.environ.get("SPECFX_PROFILE")
-    return Path(env) if env else Path.home() / ".cache" / "specfx" / "profile.json"
-
-
-DEFAULT_PROFILE = CostProfile()
-
-
 def profile_for_device(device: Union[str, torch.device]) -> CostProfile:
     """The rates for convs on ``device``: the GPU defaults of :mod:`specfx.gpu_costs` on
     CUDA, else this machine's CPU profile (calibrated, else the built-in defaults)."""
     if torch.device(device).type == "cuda":
-        from .gpu_costs import CUDA_PROFILE  # (gpu_costs imports this module)
         return CUDA_PROFILE
     return CostProfile.load()
-
-
-# glibc maps allocations above its mmap threshold afresh on every call (page faults on
-# first touch) and the threshold never rises above 32 MiB; smaller temporaries are reused
-# from the heap once a model runs (see specfx.measure.settle_allocator).
-MMAP_CEILING_BYTES = 32 << 20
 
 
 def fresh_pages_ms(tensor_bytes: float, profile: CostProfile = DEFAULT_PROFILE) -> float:
@@ -192,7 +121,7 @@ def _mix_ms(shape: ConvShape, bins: int, profile: CostProfile) -> tuple[float, f
     cin_g, cout_g = cin // g, cout // g
     complex_bytes = 2 * max(shape.element_bytes, 4)
     flop = 8.0 * b * cin_g * cout * bins
-    if contraction.choose_path(cin_g, b) == contraction.ACCUMULATE:
+    if choose_path(cin_g, b) == ACCUMULATE:
         passes = 2 * cin_g * b * cout * bins + b * cin * bins + cout * cin_g * bins
         return flop, passes * complex_bytes / profile.memory_gbps / 1e6
     efficiency = max(0.1, min(1.0, math.sqrt(b * cin_g * cout_g / 32768)))
@@ -224,7 +153,7 @@ def estimate(shape: ConvShape, geometry: SpectralGeometry, profile: CostProfile 
         copy_bytes += b * cin * (math.prod(geometry.selection.size) + math.prod(geometry.in_size)) * eb
     # The input spectrum and the output are fresh allocations of every call. The output
     # spectrum is never whole past the mmap ceiling: a merged conv makes it a block of
-    # channels at a time there (spectral_ops.WHOLE_SPECTRUM_BYTES).
+    # channels at a time there (ops.spectral_ops.WHOLE_SPECTRUM_BYTES).
     fresh_ms = sum(fresh_pages_ms(t, profile) for t in (b * cin * bins * 2 * eb, b * cout * out_points * eb))
     fft_ms = transform_ms + mix_ms + copy_bytes / profile.memory_gbps / 1e6 + fresh_ms + profile.conv_overhead_ms
     return ConvCost(direct_gflop=direct_flop / 1e9, fft_gflop=(transform_flop + mix_flop) / 1e9,

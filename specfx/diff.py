@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import pathlib
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
@@ -265,6 +265,13 @@ def _inputs_from_placeholders(module: nn.Module) -> Optional[tuple]:
     specs = [_tensor_spec(node) for node in module.graph.find_nodes(op="placeholder")]
     if not specs or any(spec is None for spec in specs):
         return None
+    return seeded_inputs(specs)
+
+
+def seeded_inputs(specs: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> tuple[torch.Tensor, ...]:
+    """Random inputs of the ``(shape, dtype)`` pairs in ``specs``, from a fixed seed so
+    that the same specs always give the same inputs (zeros for integer dtypes, e.g. token
+    ids, whose valid range no random draw could know)."""
     generator = torch.Generator().manual_seed(0)
     return tuple(torch.randn(shape, dtype=dtype, generator=generator) if dtype.is_floating_point
                  else torch.zeros(shape, dtype=dtype) for shape, dtype in specs)

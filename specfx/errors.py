@@ -1,5 +1,9 @@
 """Errors specfx raises; all derive from :class:`SpecfxError`."""
 
+from __future__ import annotations
+
+from typing import Optional
+
 
 class SpecfxError(Exception):
     """Base class of specfx's own errors."""
@@ -22,3 +26,13 @@ class StalePlanError(SpecfxError, RuntimeError):
     """A lowered convolution's module was edited after :func:`specfx.optimize` (another
     submodule, weight shape, stride, padding, ...): its FFT plan no longer describes the
     conv the module now defines. Optimize the edited model again."""
+
+
+class PassError(SpecfxError):
+    """A pass of the pipeline failed. ``pass_name`` is the pass, ``node`` the node it was
+    handling where it said (:func:`specfx.pipeline.at_node`), and ``__cause__`` the
+    exception it raised."""
+
+    def __init__(self, message: str, pass_name: Optional[str] = None, node: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.pass_name, self.node = pass_name, node

@@ -48,6 +48,6 @@ def apply_geometry(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     g, blocks = geometry, geometry.overlap_save
     if blocks is not None:
         x = split_blocks(x, blocks.left, blocks.right, blocks.window, blocks.block)
-    y = ops.spectral_conv(x, weight, bias, list(g.in_size), list(g.fft_size), list(g.dilation), list(g.shift),
-                          groups, list(g.out_size), list(g.stride), x.dtype)
+    y = ops.lowered_conv(x, weight, bias, list(g.in_size), list(g.fft_size), list(g.dilation), list(g.shift),
+                         groups, list(g.out_size), list(g.stride), x.dtype)
     return y if blocks is None else join_blocks(y, blocks.count, blocks.out, input_dim)

@@ -1,6 +1,6 @@
 """Default cost-model rates for convolutions on CUDA GPUs.
 
-The CPU rates of :mod:`specfx.cost_model` were measured; these are defaults, not
+The CPU rates of :class:`specfx.rates.CostProfile` were measured; these are defaults, not
 measurements: round figures for an H100-class GPU (HBM3 at ~3.3 TB/s peak), vendor peaks
 derated to what such kernels typically sustain. Measure on the target GPU
 (``benchmarks/gpu.py``) before relying on a close decision.
@@ -22,7 +22,7 @@ inputs are on a CUDA device and no ``profile=`` is given
 
 from __future__ import annotations
 
-from .cost_model import CostProfile
+from .rates import CostProfile
 
 CUDA_PROFILE = CostProfile(
     dense_direct_gflops=150_000.0,

@@ -1,4 +1,4 @@
-"""A :class:`specfx.diff.GraphDiff` as one self-contained HTML page.
+"""A graph diff (:class:`specfx.diff.GraphDiff`) as one self-contained HTML page.
 
 Everything is inline: CSS in a ``<style>`` element, drawings as inline SVG, no scripts,
 fonts, images or links to fetch, so the page reads the same offline and can be mailed or
@@ -11,14 +11,29 @@ import difflib
 import html
 import importlib.util
 import re
-from typing import TYPE_CHECKING, Iterable, Optional
+from typing import Any, Iterable, Optional, Protocol, Sequence
 
 import torch.fx as fx
 
 from .report import Report
 
-if TYPE_CHECKING:  # diff.py imports this module; importing it back would be circular
-    from .diff import GraphDiff
+
+class GraphDiffView(Protocol):
+    """What a page is drawn from: the members of :class:`specfx.diff.GraphDiff` read here.
+    (diff.py renders through this module, so this module names only the shape it needs.)"""
+
+    before: fx.GraphModule
+    after: fx.GraphModule
+    rows: Sequence[Any]
+    report: Optional[Report]
+    notes: list[str]
+
+    def summary(self) -> str: ...
+
+    def code(self, which: str, file_comments: bool = False) -> str: ...
+
+    def per_pass(self, context: int = 3, file_comments: bool = False) -> list[Any]: ...
+
 
 # Unchanged runs of code longer than this many lines around a change are folded.
 CONTEXT_LINES = 3
@@ -50,7 +65,7 @@ td.num { text-align: right; } table.nodes td { white-space: nowrap; }
 """
 
 
-def render(diff: GraphDiff, title: str) -> str:
+def render(diff: GraphDiffView, title: str) -> str:
     """The whole page."""
     parts = [f"<h1>{_e(title)}</h1>", f'<p class="meta">{_e(diff.summary())}{_e(_report_line(diff.report))}</p>']
     parts += [f'<p class="note">{_e(note)}</p>' for note in diff.notes]
@@ -100,7 +115,7 @@ def _decisions(report: Report) -> str:
                            "FFT GFLOP", "FFT ms (est.)", "FFT grid", "est. speedup"), rows)
 
 
-def _passes(diff: GraphDiff) -> str:
+def _passes(diff: GraphDiffView) -> str:
     blocks = []
     for entry in diff.per_pass():
         lines = entry.diff.splitlines()[2:]  # the ---/+++ header names the passes already
@@ -202,7 +217,7 @@ def _highlight_pair(left: str, right: str) -> tuple[str, str]:
     return "".join(out_left), "".join(out_right)
 
 
-def _nodes(diff: GraphDiff) -> str:
+def _nodes(diff: GraphDiffView) -> str:
     rows = []
     for row in diff.rows:
         cells = (row.status, row.name, row.op, row.target, row.shape, row.module, row.link)
@@ -254,7 +269,7 @@ def render_svg(dot_source: str) -> str:
     return text[text.index("<svg"):]
 
 
-def _drawings(diff: GraphDiff) -> str:
+def _drawings(diff: GraphDiffView) -> str:
     # Per graph: a removed and an added node may share a name (with another op or target).
     removed = {row.name: "removed" for row in diff.rows if row.status == "removed"}
     added = {row.name: "added" for row in diff.rows if row.status == "added"}

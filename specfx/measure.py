@@ -44,18 +44,20 @@ def direct_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return conv(F.pad(x, flat), weight, bias, stride, 0, dilation, groups)
 
 
-def _median_ms(fn: Callable[[], object], budget_s: float) -> float:
-    """Median of up to 7 timed calls after a warm-up, fewer when calls are slow."""
+def median_seconds(fn: Callable[[], object], repeats: int = 7, budget_s: Optional[float] = None) -> float:
+    """Median of ``repeats`` timed calls after a warm-up call; with ``budget_s``, fewer
+    (at least one) where the warm-up shows that many would take longer."""
     start = time.perf_counter()
     fn()
     first = time.perf_counter() - start
-    repeats = max(1, min(7, int(budget_s / max(first, 1e-6))))
+    if budget_s is not None:
+        repeats = max(1, min(repeats, int(budget_s / max(first, 1e-6))))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return statistics.median(times)
 
 
 def measure_conv(input_shape: tuple[int, ...], dtype: torch.dtype, weight: torch.Tensor,
@@ -69,9 +71,10 @@ def measure_conv(input_shape: tuple[int, ...], dtype: torch.dtype, weight: torch
     w = weight.detach()
     b = None if bias is None else bias.detach()
     with torch.no_grad():
-        direct = _median_ms(lambda: direct_conv(x, w, b, stride, padding, dilation, groups, padding_mode), budget_s)
-        fft = _median_ms(lambda: apply_geometry(x, w, b, geometry, groups), budget_s)
-    return direct, fft
+        direct = median_seconds(lambda: direct_conv(x, w, b, stride, padding, dilation, groups, padding_mode),
+                                budget_s=budget_s)
+        fft = median_seconds(lambda: apply_geometry(x, w, b, geometry, groups), budget_s=budget_s)
+    return direct * 1e3, fft * 1e3
 
 
 class Progress:

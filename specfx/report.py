@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Optional
 
 from .cost_model import ChainCost, ConvCost
 
@@ -71,8 +71,6 @@ class ChainDecision:
     cost: Optional[ChainCost] = None
     transforms: Optional[dict[str, int]] = None
     transforms_per_conv: Optional[dict[str, int]] = None
-    # The rewrite's instructions (passes/fuse_chains.py reads them); not part of the report.
-    plan: Any = dataclasses.field(default=None, repr=False, compare=False)
 
 
 @dataclasses.dataclass
@@ -112,6 +110,9 @@ class Report:
     transforms: Optional[dict[str, int]] = None
     transforms_per_conv: Optional[dict[str, int]] = None
     output_error: Optional[float] = None
+    # The implementation each spectral op of the optimized graph runs on the example
+    # inputs' device (specfx.ops.implementations).
+    implementations: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def lowered(self) -> list[str]:
@@ -158,6 +159,8 @@ class Report:
             lines.append(f"  verified on the example inputs: max error {self.verified_error:.2e} "
                          f"of the output scale (tolerance {self.verified_tolerance:.0e})")
         lines += [f"  verification: {note}" for note in self.verification_notes]
+        if self.implementations:
+            lines.append("  implementations: " + ", ".join(f"{op} {how}" for op, how in self.implementations.items()))
         return "\n".join(lines)
 
 
@@ -165,3 +168,9 @@ def _pair(counts: Optional[dict[str, int]]) -> str:
     if not counts:
         return "forward 0, inverse 0"
     return f"forward {counts.get('forward', 0)}, inverse {counts.get('inverse', 0)}"
+
+
+def approximate(report: Report) -> bool:
+    """Whether the report's fused chains hold poly activations that are not exact."""
+    return any(a.mode == "poly" and (a.error is None or a.error > 0)
+               for c in report.chains if c.fused for a in c.activations)

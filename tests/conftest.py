@@ -12,7 +12,16 @@ spectral ops compute in fp32, so they differ from it by the final rounding only.
 
 from __future__ import annotations
 
+import os
+
 import torch
+from hypothesis import settings
+
+# CI (which sets CI=true) draws the same examples every run, so a submission passes or
+# fails on its own merits; local runs keep exploring new ones.
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 SCALED_TOLERANCE = {
     torch.float64: 1e-12,

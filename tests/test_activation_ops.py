@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import specfx  # noqa: F401  (registers the ops)
 from conftest import assert_scaled_close as _assert_real_close
-from specfx import chains
+from specfx.chains import poly as chains
 from specfx.ops import activation_ops as A
 from specfx.ops import fourier
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from conftest import assert_scaled_close
 
 import specfx
-from specfx.backend import MAX_COMPILED_REPORTS, TRACE_ARTIFACT, settings_from_options, specfx_backend
+from specfx.backend import MAX_COMPILED_REPORTS, TRACE_ARTIFACT, specfx_backend
 from specfx.ops import SPECTRUM_CACHE
 
 
@@ -103,7 +103,7 @@ def test_entry_point_compiles_without_importing_specfx(tmp_path: Path) -> None:
     assert result["duplicate"] == "duplicate name: specfx"
     trace = "".join(p.read_text() for p in tmp_path.iterdir() if p.is_file())
     assert f'"name": "{TRACE_ARTIFACT}"' in trace
-    assert "+    spectral_conv_default = torch.ops.specfx.spectral_conv.default(" in trace
+    assert "+    lowered_conv_default = torch.ops.specfx.lowered_conv.default(" in trace
     assert "-    conv2d = torch.conv2d(" in trace
 
 
@@ -116,21 +116,7 @@ def test_import_does_not_register_the_backend() -> None:
     assert out.split() == ["False", "True"]
 
 
-# --- options -------------------------------------------------------------------------------
-
-def test_options_become_settings() -> None:
-    assert settings_from_options({"policy": "never"}).policy == "never"
-    assert settings_from_options(None).policy == "auto"
-    chain_options = settings_from_options({"spectral_activation": "poly", "chains": False})
-    assert (chain_options.spectral_activation, chain_options.chains) == ("poly", False)
-
-
-def test_unknown_options_are_named() -> None:
-    with pytest.raises(ValueError, match=r"unknown specfx option\(s\) 'bogus', 'fusion_level'.*'policy'"):
-        settings_from_options({"policy": "auto", "fusion_level": "exact", "bogus": 1})
-    with pytest.raises(ValueError, match="policy must be one of"):
-        settings_from_options({"policy": "fastest"})
-
+# --- options (resolved as optimize's arguments are: tests/test_settings.py) ----------------
 
 def test_unknown_option_fails_the_compile() -> None:
     class OptionNet(nn.Conv1d):
@@ -206,7 +192,7 @@ def test_dynamo_graph_forms_are_lowered(forms) -> None:
     model, compiled, x, report = forms
     assert report.frontend == "dynamo"
     assert report.lowered == ["depthwise", "reflect", "z"]  # a functional conv is named by its node, str(report)
-    assert "torch.ops.specfx.spectral_conv" in report.passes[-1].code
+    assert "torch.ops.specfx.lowered_conv" in report.passes[-1].code
     assert "torch.conv" not in report.passes[-1].code
     with torch.no_grad():
         assert_scaled_close(compiled(x), model(x))

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import specfx
 from conftest import assert_scaled_close
-from specfx.passes.find_chains import build_digraph
+from specfx.chains.members import build_digraph
 from specfx.verify import scaled_error
 
 OPS = torch.ops.specfx
@@ -263,7 +263,10 @@ def test_generated_chains_are_exact_forward_and_backward(cfg):
     model = _eval(_generated_pair(cfg)).to(cfg["dtype"])
     x = torch.randn(cfg["batch"], cfg["channels"], *cfg["size"], dtype=cfg["dtype"])
     fast = specfx.optimize(model, (x,), policy="always")
-    assert [c.fused for c in fast.specfx_report.chains] == [True], str(fast.specfx_report)
+    # A 'valid' second conv with fewer outputs than its dilation skips samples: it selects
+    # the ones it reads before its own transform, so it ends no chain.
+    skips = cfg["mode"] == "valid" and min(cfg["size"]) - 2 * (cfg["k"] - 1) * cfg["dilation"] < cfg["dilation"]
+    assert [c.fused for c in fast.specfx_report.chains] == ([] if skips else [True]), str(fast.specfx_report)
     dy = None
     grads = []
     for module in (fast, model):
@@ -375,28 +378,10 @@ def test_auto_keeps_chains_that_do_not_pay():
     assert report.transforms == report.transforms_per_conv == {"forward": 2, "inverse": 2}
 
 
-def test_min_cut_matches_the_cost_of_its_labelling():
-    import importlib
-
-    fc = importlib.import_module("specfx.passes.find_chains")
-
-    model, x = _eval(Residual()), torch.randn(X2)
-    report = specfx.explain(model, (x,), policy="always")
+def test_a_fused_chain_reports_its_cost():
+    # (the min-cut itself is unit-tested on plain data: tests/test_chain_placement.py)
+    report = specfx.explain(_eval(Residual()), (torch.randn(X2),), policy="always")
     assert report.chains[0].cost.fused_ms > 0
-    # the cut's value is the cost of the labelling it returns
-    gm = torch.fx.symbolic_trace(_eval(Residual()))
-    from torch.fx.passes.shape_prop import ShapeProp
-    ShapeProp(gm).propagate(x)
-    ctx = specfx.pipeline.PassContext(specfx.pipeline.Settings("always"), specfx.Report("fx", "always"), (x,))
-    specfx.passes.plan_convs(gm, ctx)
-    members, _ = fc._members(gm, 2)
-    comp = fc._components(gm, members, build_digraph(gm))[0]
-    problem = fc.ChainProblem(gm, comp, members, 2, torch.float32, False, ctx, {})
-    grid = (14, 14)
-    labels, modes, value = problem.min_cut(grid)
-    assert value == pytest.approx(problem.evaluate(labels, modes, grid)[0])
-    everything = problem.all_spectral(grid)
-    assert value <= problem.evaluate(*everything, grid)[0] + 1e-12
 
 
 def test_digraph_records_operand_positions():

@@ -7,6 +7,7 @@ what both call, to keep the suite fast.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import subprocess
 import sys
@@ -14,7 +15,10 @@ import textwrap
 
 import pytest
 
-from specfx.cli import EXIT_FAILED, EXIT_USAGE, main
+from specfx.cli import EXIT_FAILED, EXIT_USAGE, _parser, main, settings_options
+from specfx.cost_model import CostProfile
+from specfx.passes import PIPELINE
+from specfx.pipeline import Settings
 
 CONSOLE_SCRIPT = pathlib.Path(sys.executable).parent / "specfx"
 
@@ -130,10 +134,10 @@ def test_module_diff_prints_the_rewrite_and_writes_html(models):
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert "-        conv: \"f32[1, 2, 16, 16]\" = self.conv(x)" in result.stdout
-    assert "+        spectral_conv_default: " in result.stdout
+    assert "+        lowered_conv_default: " in result.stdout
     assert any(line.split()[:2] == ["removed", "conv"] for line in result.stdout.splitlines())
     page = (models / "report.html").read_text(encoding="utf-8")
-    assert page.startswith("<!DOCTYPE html>") and "spectral_conv_default" in page
+    assert page.startswith("<!DOCTYPE html>") and "lowered_conv_default" in page
 
 
 def test_console_script_explains_a_model_file(models):
@@ -249,3 +253,47 @@ def test_failed_trace_is_a_capture_note_not_console_noise(in_models, capfd):
 def test_successful_trace_passes_on_what_the_model_writes(in_models, capfd):
     assert main(["explain", "cli_test_models:TracingTalks", "--input", "1,2,16,16"]) == 0
     assert capfd.readouterr().err == "TracingTalks: traced\n"
+
+
+# --- flags generated from Settings ----------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["explain", "diff"])
+def test_every_settings_field_has_a_flag(command):
+    """Each field of Settings is a flag (its name with dashes); a flag left out leaves the
+    field to its default."""
+    help_text = _parser()._subparsers._group_actions[0].choices[command].format_help()
+    for field in dataclasses.fields(Settings):
+        assert "--" + field.name.replace("_", "-") in help_text, field.name
+    assert settings_options(_parser().parse_args([command, "m:f", "--input", "1"])) == {}
+
+
+def test_settings_flags_parse_to_their_fields(tmp_path):
+    path = CostProfile(fft_gflops=3.0).save(tmp_path / "rates.json")
+    args = _parser().parse_args(["diff", "m:f", "--input", "1", "--policy", "always", "--no-chains",
+                                 "--spectral-activation", "poly", "--poly-degree", "3", "--profile", str(path)])
+    assert settings_options(args) == {"policy": "always", "chains": False, "spectral_activation": "poly",
+                                      "poly_degree": 3, "profile": CostProfile(fft_gflops=3.0)}
+    assert settings_options(_parser().parse_args(["explain", "m:f", "--input", "1", "--chains"])) == {"chains": True}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--policy", "fastest"], "argument --policy: invalid choice: 'fastest'"),
+    (["--poly-degree", "two"], "argument --poly-degree: invalid int value: 'two'"),
+    (["--profile", "missing.json"], "argument --profile: 'missing.json': FileNotFoundError: no cost profile at"),
+])
+def test_bad_settings_flags_are_usage_errors(in_models, capsys, flags, message):
+    assert main(["explain", "cli_test_models:good", "--input", "1,2,16,16", *flags]) == EXIT_USAGE
+    assert_one_line_error(capsys.readouterr().err, message)
+
+
+def test_settings_flags_reach_the_optimization(in_models, capsys):
+    assert main(["explain", "cli_test_models:good", "--input", "1,2,16,16", "--policy", "never"]) == 0
+    out = capsys.readouterr().out
+    assert "policy: 'never'" in out and "0 of 1 convolutions would lower" in out
+
+
+def test_passes_lists_the_pipeline_with_requirements(capsys):
+    assert main(["passes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0].rstrip(":") for line in lines] == [p.name for p in PIPELINE]
+    assert lines[1].endswith("[requires plan_convs]")

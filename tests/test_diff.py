@@ -17,7 +17,7 @@ from specfx.html_report import DrawingUnavailable, graph_dot, render_svg
 
 # What lower_convs adds for a conv, and the one node merge_convs makes of it.
 SPECTRAL_NODES = {"to_spectrum_default", "spectral_mix_default", "from_spectrum_default"}
-MERGED = "spectral_conv_default"
+MERGED = "lowered_conv_default"
 
 
 class DepthwiseNet(nn.Module):
@@ -241,9 +241,9 @@ def test_graph_dot_colours_removed_and_added_nodes(lowered):
     model, fast = lowered
     d = specfx.diff(model, fast)
     dot = graph_dot(d.after, {name: "added" for name in d.added}, "after")
-    assert '"spectral_conv_default" [label="spectral_conv_default\\ncall_function", fillcolor="#d2f4d3"]' in dot
+    assert '"lowered_conv_default" [label="lowered_conv_default\\ncall_function", fillcolor="#d2f4d3"]' in dot
     assert '"relu" [label="relu\\ncall_function", fillcolor="#ffffff"]' in dot
-    assert '"spectral_conv_default" -> "relu";' in dot
+    assert '"lowered_conv_default" -> "relu";' in dot
 
 
 @pytest.mark.skipif(any(importlib.util.find_spec(m) for m in ("pydot", "graphviz")),

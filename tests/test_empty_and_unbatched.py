@@ -148,7 +148,7 @@ def test_each_spectral_op_takes_an_empty_batch_forward_and_backward():
     grads = torch.autograd.grad(y.sum(), [x, weight, scale, shift])
     for g, t in zip(grads, [x, weight, scale, shift]):
         assert g.shape == t.shape and not g.any()
-    merged = spectral_ops.spectral_conv(x.detach(), weight.detach(), None, size, fft, [1, 1], [1, 1], 2,
+    merged = spectral_ops.lowered_conv(x.detach(), weight.detach(), None, size, fft, [1, 1], [1, 1], 2,
                                         [12, 12], [1, 1], torch.float32)
     assert merged.shape == (0, 6, 12, 12)
     g_in = spectral_ops.spectral_mix_grad_input(y_hat.detach(), weight.detach(), fft, [1, 1], [1, 1], 2)

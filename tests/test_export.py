@@ -48,8 +48,8 @@ def spectral_targets(gm: torch.fx.GraphModule) -> set[str]:
 def test_export_keeps_the_spectral_ops(optimized) -> None:
     model, fast, x = optimized
     program = torch.export.export(fast, (x,))
-    # Each conv is one merged spectral_conv node (no chain reads its spectra).
-    assert spectral_targets(program.graph_module) == {"specfx.spectral_conv.default"}
+    # Each conv is one merged lowered_conv node (no chain reads its spectra).
+    assert spectral_targets(program.graph_module) == {"specfx.lowered_conv.default"}
     with torch.no_grad():
         # The exported graph runs the same ops as ``fast``: equal up to op-order rounding.
         assert_scaled_close(program.module()(x), fast(x))
@@ -95,6 +95,6 @@ def test_load_in_a_fresh_process_needs_import_specfx(optimized, tmp_path: Path) 
                             timeout=300, env=dict(os.environ))
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.split("\n")[0] == "load failed without specfx"
-    assert "specfx.spectral_conv" in result.stderr  # the op it could not resolve
+    assert "specfx.lowered_conv" in result.stderr  # the op it could not resolve
     with torch.no_grad():
         assert_scaled_close(torch.load(outputs), fast(x))

@@ -1,5 +1,5 @@
 """passes/merge_convs.py: a lowered conv whose spectra only its own ops read becomes one
-``spectral_conv`` node; spectra that anything else reads keep the three ops."""
+``lowered_conv`` node; spectra that anything else reads keep the three ops."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def test_a_lone_lowered_conv_becomes_one_node_computing_the_same():
     result = merge_convs(gm, _context())
     assert result.modified
     result.graph_module.recompile()
-    assert _targets(result.graph_module) == [OPS.spectral_conv.default]
+    assert _targets(result.graph_module) == [OPS.lowered_conv.default]
     with torch.no_grad():
         assert_scaled_close(result.graph_module(x), expected)
     assert not merge_convs(result.graph_module, _context()).modified  # nothing left to merge
@@ -80,7 +80,7 @@ def test_convs_in_a_fused_chain_are_not_merged_and_one_outside_is():
     (chain,) = fast.specfx_report.chains
     assert chain.fused, str(fast.specfx_report)
     # conv 0 (before the tanh, which no spectrum can carry) stands alone; 2 and 4 are a chain.
-    assert targets.count(OPS.spectral_conv.default) == 1
+    assert targets.count(OPS.lowered_conv.default) == 1
     assert targets.count(OPS.spectral_mix.default) == 2
     with torch.no_grad():
         assert_scaled_close(fast(x), model(x))
@@ -90,7 +90,7 @@ def test_merged_conv_trains_like_the_original():
     model = nn.Sequential(nn.Conv1d(3, 4, 33, padding=16), nn.Tanh()).double()
     x = torch.randn(2, 3, 80, dtype=torch.float64)
     fast = specfx.optimize(model, (x,), policy="always")
-    assert OPS.spectral_conv.default in _targets(fast)
+    assert OPS.lowered_conv.default in _targets(fast)
     reference = copy.deepcopy(model)
     xs, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
     fast(xs).square().sum().backward()
@@ -122,7 +122,7 @@ class _Block(nn.Module):
 def test_a_conv_holds_its_input_only_where_that_costs_little(batch, residual, merged):
     model, x = _Block(residual).eval(), torch.randn(batch, 8, 64, 64)
     fast = specfx.optimize(model, (x,), policy="always")
-    assert (OPS.spectral_conv.default in _targets(fast)) == merged
+    assert (OPS.lowered_conv.default in _targets(fast)) == merged
     assert (OPS.to_spectrum.default in _targets(fast)) != merged
     with torch.no_grad():
         assert_scaled_close(fast(x), model(x))
@@ -130,7 +130,7 @@ def test_a_conv_holds_its_input_only_where_that_costs_little(batch, residual, me
 
 def test_graph_inputs_are_held_whatever_their_size():
     model, x = nn.Conv2d(8, 8, 15, padding=7).eval(), torch.randn(16, 8, 64, 64)
-    assert _targets(specfx.optimize(model, (x,), policy="always")) == [OPS.spectral_conv.default]
+    assert _targets(specfx.optimize(model, (x,), policy="always")) == [OPS.lowered_conv.default]
 
 
 @pytest.mark.parametrize("batch, merged", [(1, True), (16, False)])
@@ -139,6 +139,6 @@ def test_a_padded_copy_is_sized_from_what_it_pads(batch, merged):
     of its own there): 1 x 8 x 78 x 78 floats are held, 16 times that are not."""
     model, x = _Block(False, padding_mode="reflect").eval(), torch.randn(batch, 8, 64, 64)
     fast = specfx.optimize(model, (x,), policy="always")
-    assert (OPS.spectral_conv.default in _targets(fast)) == merged
+    assert (OPS.lowered_conv.default in _targets(fast)) == merged
     with torch.no_grad():
         assert_scaled_close(fast(x), model(x))

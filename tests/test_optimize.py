@@ -28,7 +28,7 @@ from specfx.verify import verify
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 
-SPECTRAL_CONV = torch.ops.specfx.spectral_conv.default
+SPECTRAL_CONV = torch.ops.specfx.lowered_conv.default
 SPECTRAL_OPS = {torch.ops.specfx.to_spectrum.default, torch.ops.specfx.spectral_mix.default,
                 torch.ops.specfx.from_spectrum.default, SPECTRAL_CONV}
 
@@ -43,7 +43,7 @@ def spectral_ops(gm: fx.GraphModule) -> list:
 
 
 def assert_all_lowered(fast: fx.GraphModule, count: int) -> None:
-    """``count`` convs lowered, none kept, none left in the graph, each one ``spectral_conv``
+    """``count`` convs lowered, none kept, none left in the graph, each one ``lowered_conv``
     (its three ops merged: no chain reads their spectra)."""
     report = fast.specfx_report
     assert len(report.lowered) == count, str(report)

@@ -1,4 +1,4 @@
-"""The three spectral ops and ``spectral_conv`` (the three merged): registration (opcheck),
+"""The three spectral ops and ``lowered_conv`` (the three merged): registration (opcheck),
 exact gradients (gradcheck), the weight-spectrum cache, the planned-size check and the
 depthwise contraction path."""
 
@@ -40,7 +40,7 @@ OP_CASES = {
 
 
 def op_arguments(case):
-    """Arguments for each of the three ops, as ``spectral_conv`` would pass them, with
+    """Arguments for each of the three ops, as ``lowered_conv`` would pass them, with
     ``requires_grad`` leaves so that the autograd registration is exercised."""
     x_shape, w_shape, has_bias, stride, padding, dilation, groups, mode, dtype = case
     torch.manual_seed(0)
@@ -58,12 +58,12 @@ def op_arguments(case):
         "to_spectrum": (x.requires_grad_(), in_size, fft),
         "spectral_mix": (x_hat.requires_grad_(), weight, fft, list(g.dilation), list(g.shift), groups),
         "from_spectrum": (y_hat.requires_grad_(), fft, list(g.out_size), list(g.stride), bias, dtype),
-        "spectral_conv": (x, weight, bias, in_size, fft, list(g.dilation), list(g.shift), groups,
+        "lowered_conv": (x, weight, bias, in_size, fft, list(g.dilation), list(g.shift), groups,
                           list(g.out_size), list(g.stride), dtype),
     }
 
 
-@pytest.mark.parametrize("op_name", ["to_spectrum", "spectral_mix", "from_spectrum", "spectral_conv"])
+@pytest.mark.parametrize("op_name", ["to_spectrum", "spectral_mix", "from_spectrum", "lowered_conv"])
 @pytest.mark.parametrize("case", sorted(OP_CASES))
 def test_opcheck_passes(op_name, case):
     args = op_arguments(OP_CASES[case])[op_name]

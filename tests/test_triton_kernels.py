@@ -209,8 +209,11 @@ def test_triton_poly_activation_generated_configurations(device, cfg, degree, ma
 
 
 def test_triton_fused_kernel_rejects_large_grids():
-    assert not fused.supports(torch.zeros(1, 33, dtype=torch.complex64), [65])
-    assert not fused.supports(torch.zeros(1, 3, dtype=torch.complex128), [4])
+    assert fused.not_supported_reasons(torch.zeros(1, 33, dtype=torch.complex64), [65]) == [
+        "grid [65]: the fused kernels take at most 64 per axis"]
+    assert fused.not_supported_reasons(torch.zeros(1, 3, dtype=torch.complex128), [4]) == [
+        "the spectrum is torch.complex128, not complex64"]
+    assert fused.not_supported_reasons(torch.zeros(1, 3, dtype=torch.complex64), [4]) == []
     with pytest.raises(ValueError, match="at most 64 per axis"):
         fused.spectral_activation(torch.zeros(1, 33, dtype=torch.complex64), [65], [65], None, None, "relu", 0.0)
 
@@ -278,6 +281,30 @@ def test_triton_kernels_run_in_an_optimized_cuda_model():
     assert [c.fused for c in fast.specfx_report.chains] == [True]
     with torch.no_grad():
         assert_close(fast(x), model(x), tol=1e-4)
+
+
+def test_triton_mix_support_check_gives_reasons():
+    x64, x128 = torch.zeros(1, 2, 3, dtype=torch.complex64), torch.zeros(1, 2, 3, dtype=torch.complex128)
+    assert register.mix_not_supported_reasons(x64, torch.zeros(2, 2, 3)) == []
+    assert register.mix_not_supported_reasons(x128, torch.zeros(2, 2, 3, dtype=torch.float64)) == [
+        "the spectrum is torch.complex128, not complex64", "the weight is torch.float64, which computes in float64"]
+
+
+def test_report_says_which_implementation_each_op_runs():
+    """The last pass names each spectral op's implementation for the inputs' device; on
+    CUDA the ops with Triton kernels run them unless those are switched off."""
+    from specfx.ops import implementations
+
+    model = torch.nn.Sequential(torch.nn.Conv1d(3, 4, 31, padding=15), torch.nn.ReLU())
+    report = specfx.optimize(model, (torch.randn(2, 3, 64),), policy="always").specfx_report
+    assert report.implementations == {"lowered_conv": "torch (CPU)"}
+    assert "implementations: lowered_conv torch (CPU)" in str(report)
+    cuda = torch.device("cuda")
+    assert implementations(["spectral_mix", "to_spectrum"], cuda) == {"spectral_mix": "triton",
+                                                                     "to_spectrum": "torch (CUDA)"}
+    with register.triton_kernels(False):
+        assert implementations(["spectral_mix"], cuda) == {
+            "spectral_mix": "torch (CUDA, triton unavailable: switched off (specfx.ops.triton.triton_kernels(False)))"}
 
 
 # --- the GPU cost profile --------------------------------------------------------------------

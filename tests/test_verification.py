@@ -49,7 +49,7 @@ def test_beyond_tolerance_and_less_accurate_than_the_original_is_rejected():
 
     def perturb(gm, ctx):
         for node in list(gm.graph.nodes):
-            if node.target is torch.ops.specfx.spectral_conv.default:
+            if node.target is torch.ops.specfx.lowered_conv.default:
                 with gm.graph.inserting_after(node):
                     worse = gm.graph.call_function(torch.mul, (node, 1.0 + 3e-3))
                 node.replace_all_uses_with(worse, delete_user_cb=lambda user: user is not worse)

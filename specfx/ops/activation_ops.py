@@ -51,20 +51,13 @@ from .library import spectral_op
 ACTIVATIONS = ("relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "square", "identity")
 
 
-def _complex_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.complex128 if fourier.real_dtype_for(dtype) == torch.float64 else torch.complex64
-
-
-def _channel_view(v: torch.Tensor, rank: int) -> torch.Tensor:
-    return v.reshape(-1, *([1] * rank))
-
-
 def _reduce_to_channels(t: torch.Tensor, rank: int) -> torch.Tensor:
     channel_dim = t.dim() - rank - 1
     return t.sum(dim=[d for d in range(t.dim()) if d != channel_dim])
 
 
-def _crop(y: torch.Tensor, size: list[int]) -> torch.Tensor:
+def _window(y: torch.Tensor, size: list[int]) -> torch.Tensor:
+    """The window ``[0, L)`` of the grid (the mask), per axis."""
     rank = len(size)
     for axis, n in enumerate(size):
         y = y.narrow(y.dim() - rank + axis, 0, n)
@@ -91,9 +84,9 @@ def mask_spectrum(size: list[int], fft_size: list[int], dtype: torch.dtype, devi
 def _affine(x: torch.Tensor, scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
             rank: int) -> torch.Tensor:
     if scale is not None:
-        x = x * _channel_view(scale.to(x.device, x.dtype), rank)
+        x = x * fourier.channel_view(scale.to(x.device, x.dtype), rank)
     if shift is not None:
-        x = x + _channel_view(shift.to(x.device, x.dtype), rank)
+        x = x + fourier.channel_view(shift.to(x.device, x.dtype), rank)
     return x
 
 
@@ -107,9 +100,9 @@ def _affine_(x: torch.Tensor, scale: Optional[torch.Tensor], shift: Optional[tor
              rank: int) -> torch.Tensor:
     """:func:`_affine` in place on a temporary."""
     if scale is not None:
-        x = x.mul_(_channel_view(scale.to(x.device, x.dtype), rank))
+        x = x.mul_(fourier.channel_view(scale.to(x.device, x.dtype), rank))
     if shift is not None:
-        x = x.add_(_channel_view(shift.to(x.device, x.dtype), rank))
+        x = x.add_(fourier.channel_view(shift.to(x.device, x.dtype), rank))
     return x
 
 
@@ -181,14 +174,14 @@ def spectral_activation(x_hat: torch.Tensor, fft_size: list[int], size: list[int
     rows = x_hat.reshape(-1, *x_hat.shape[-rank:])
     blocks = fourier.row_blocks(rows.shape[0], fft_size, fourier.real_dtype_for(x_hat.dtype).itemsize)
     if len(blocks) == 1:
-        x = _crop(fourier.irfftn(x_hat, fft_size), size)
+        x = _window(fourier.irfftn(x_hat, fft_size), size)
         a = _activate_(_affine_(x, scale, shift, rank), activation, negative_slope)
         return fourier.rfftn(a, fft_size)
     channels = x_hat.shape[x_hat.dim() - rank - 1]
     row_scale, row_shift = (None if v is None else _per_row(v, channels, rows.shape[0]) for v in (scale, shift))
     out = torch.empty_like(rows)
     for block in blocks:
-        x = _crop(fourier.irfftn(rows[block], fft_size), size)
+        x = _window(fourier.irfftn(rows[block], fft_size), size)
         x = _affine_(x, None if row_scale is None else row_scale[block],
                      None if row_shift is None else row_shift[block], rank)
         torch.fft.rfftn(_activate_(x, activation, negative_slope), s=list(fft_size),
@@ -215,9 +208,9 @@ def _spectral_activation_backward(ctx, grad):
         return (torch.zeros_like(x_hat), None, None, None if scale is None else torch.zeros_like(scale),
                 None if shift is None else torch.zeros_like(shift), None, None)
     rank = len(fft_size)
-    x = _crop(fourier.irfftn(x_hat, fft_size), size)
+    x = _window(fourier.irfftn(x_hat, fft_size), size)
     u = _affine(x, scale, shift, rank)
-    g_u = _activate_backward(_crop(fourier.rfftn_adjoint(grad, fft_size), size), u, activation, slope)
+    g_u = _activate_backward(_window(fourier.rfftn_adjoint(grad, fft_size), size), u, activation, slope)
     grad_scale = grad_shift = None
     if scale is not None and ctx.needs_input_grad[3]:
         grad_scale = _reduce_to_channels(g_u * x, rank).to(scale.dtype)
@@ -225,7 +218,7 @@ def _spectral_activation_backward(ctx, grad):
         grad_shift = _reduce_to_channels(g_u, rank).to(shift.dtype)
     grad_x_hat = None
     if ctx.needs_input_grad[0]:
-        g_x = g_u if scale is None else g_u * _channel_view(scale.to(g_u.dtype), rank)
+        g_x = g_u if scale is None else g_u * fourier.channel_view(scale.to(g_u.dtype), rank)
         grad_x_hat = fourier.irfftn_adjoint(_pad_to(g_x, fft_size), fft_size)
     return grad_x_hat, None, None, grad_scale, grad_shift, None, None
 
@@ -241,10 +234,10 @@ def spectral_affine(x_hat: torch.Tensor, fft_size: list[int], size: list[int],
     """``scale·x_hat + shift·M``: a per-channel affine map of the signal's ``[0, L)``
     values (garbage outside ``[0, L)`` is only scaled)."""
     rank = len(fft_size)
-    y = x_hat if scale is None else x_hat * _channel_view(scale.to(x_hat.real.dtype), rank)
+    y = x_hat if scale is None else x_hat * fourier.channel_view(scale.to(x_hat.real.dtype), rank)
     if shift is not None:
         m = mask_spectrum(size, fft_size, x_hat.dtype, x_hat.device)
-        y = y + _channel_view(shift.to(x_hat.real.dtype), rank) * m
+        y = y + fourier.channel_view(shift.to(x_hat.real.dtype), rank) * m
     return y.contiguous() if y is not x_hat else y.clone()
 
 
@@ -265,7 +258,7 @@ def _spectral_affine_backward(ctx, grad):
     rank = len(fft_size)
     grad_x = grad_scale = grad_shift = None
     if ctx.needs_input_grad[0]:
-        grad_x = grad if scale is None else grad * _channel_view(scale.to(grad.real.dtype), rank)
+        grad_x = grad if scale is None else grad * fourier.channel_view(scale.to(grad.real.dtype), rank)
     if scale is not None and ctx.needs_input_grad[3]:
         grad_scale = _reduce_to_channels((grad.conj_physical() * x_hat).real, rank).to(scale.dtype)
     if has_shift and ctx.needs_input_grad[4]:
@@ -454,9 +447,9 @@ def _poly_argument(x_hat, fft_size, size, scale, shift, mask_input):
     x = fourier.irfftn(x_hat, fft_size)
     m = mask_grid(size, fft_size, x.dtype, x.device)
     xp = x * m if mask_input else x
-    u = xp if scale is None else xp * _channel_view(scale.to(x.dtype), rank)
+    u = xp if scale is None else xp * fourier.channel_view(scale.to(x.dtype), rank)
     if shift is not None:
-        u = u + _channel_view(shift.to(x.dtype), rank) * m
+        u = u + fourier.channel_view(shift.to(x.dtype), rank) * m
     return m, xp, u
 
 
@@ -478,7 +471,7 @@ def _poly_backward(ctx, grad):
     derivative = torch.zeros_like(u)
     power = torch.ones_like(u)
     for j in range(1, c.shape[1]):
-        derivative = derivative + j * _channel_view(c[:, j], rank) * power
+        derivative = derivative + j * fourier.channel_view(c[:, j], rank) * power
         power = power * u
     g_u = fourier.rfftn_adjoint(grad, fft_size) * derivative
     grad_scale = grad_shift = grad_x_hat = None
@@ -487,7 +480,7 @@ def _poly_backward(ctx, grad):
     if shift is not None and ctx.needs_input_grad[5]:
         grad_shift = _reduce_to_channels(g_u * m, rank).to(shift.dtype)
     if ctx.needs_input_grad[0]:
-        g_x = g_u if scale is None else g_u * _channel_view(scale.to(g_u.dtype), rank)
+        g_x = g_u if scale is None else g_u * fourier.channel_view(scale.to(g_u.dtype), rank)
         if mask_input:
             g_x = g_x * m
         grad_x_hat = fourier.irfftn_adjoint(g_x, fft_size)
@@ -505,9 +498,9 @@ def poly_reference(x_hat: torch.Tensor, coeffs: torch.Tensor, fft_size: list[int
     rank = len(fft_size)
     m, _, u = _poly_argument(x_hat, fft_size, size, scale, shift, mask_input)
     c = coeffs.to(u.dtype)
-    out = _channel_view(c[:, 0], rank) * m
+    out = fourier.channel_view(c[:, 0], rank) * m
     power = torch.ones_like(u)
     for j in range(1, c.shape[1]):
         power = power * u
-        out = out + _channel_view(c[:, j], rank) * power
+        out = out + fourier.channel_view(c[:, j], rank) * power
     return fourier.rfftn(out, fft_size)

@@ -9,7 +9,8 @@
 - ``"gemm"``: one complex GEMM per (group, frequency) with the batch as the M dimension
   (the fbfft formulation), on spectra transposed to frequency-major order.
 
-:func:`choose_path` picks between them; each path has its own weight layout, which the
+:func:`choose_path` (a measured rule the planner reads too, so it lives in
+:mod:`specfx.rates`) picks between them; each path has its own weight layout, which the
 weight-spectrum cache stores so the layout work is paid once.
 
 The adjoints (the input and kernel gradients) run inside custom ops, like the forward:
@@ -24,14 +25,7 @@ from typing import Iterator, Optional
 
 import torch
 
-ACCUMULATE, GEMM = "accumulate", "gemm"
-
-
-def choose_path(in_channels_per_group: int, batch: int) -> str:
-    """Accumulate for small contractions (measured on a 2-core x86 CPU: it wins up to 8
-    input channels per group, and up to 16 at batch ≤ 2), GEMM otherwise."""
-    small = in_channels_per_group <= 8 or (in_channels_per_group <= 16 and batch <= 2)
-    return ACCUMULATE if small else GEMM
+from ..rates import ACCUMULATE, GEMM, choose_path  # noqa: F401  (choose_path: this module's API too)
 
 
 def layout_accumulate(w_hat: torch.Tensor, groups: int) -> torch.Tensor:

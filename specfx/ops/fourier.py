@@ -58,6 +58,16 @@ def real_dtype_for(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
 
 
+def complex_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """The complex dtype of the spectra of a ``dtype`` signal (see :func:`real_dtype_for`)."""
+    return torch.complex128 if real_dtype_for(dtype) == torch.float64 else torch.complex64
+
+
+def channel_view(v: torch.Tensor, rank: int) -> torch.Tensor:
+    """A per-channel vector shaped to broadcast over ``(..., C, *spatial)`` of ``rank`` spatial dims."""
+    return v.reshape(-1, *([1] * rank))
+
+
 def rfft_bins(fft_size: Sequence[int]) -> list[int]:
     """Shape of the one-sided spectrum of a real signal of ``fft_size``."""
     return [*fft_size[:-1], fft_size[-1] // 2 + 1]

@@ -7,7 +7,7 @@ A lowered convolution is three nodes:
     y     = specfx.from_spectrum(y_hat, fft_size, out_size, stride, bias, out_dtype)
 
 Keeping them separate lets a chain of convs drop a ``from_spectrum → to_spectrum`` pair.
-A lowered conv outside any chain then runs as one ``spectral_conv`` call, the three ops'
+A lowered conv outside any chain then runs as one ``lowered_conv`` call, the three ops'
 implementations back to back (passes/merge_convs.py): one dispatch instead of three.
 Each op has a fake (meta) implementation, so graphs that hold them can be exported and
 compiled, and an autograd formula written from the exact adjoints in :mod:`.fourier`.
@@ -23,13 +23,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..rates import MMAP_CEILING_BYTES
 from . import contraction, folding, fourier
 from .library import spectral_op
 from .weight_spectrum import SPECTRUM_CACHE, is_plain_tensor, kernel_blocks, kernel_gradient
-
-
-def _complex_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.complex128 if fourier.real_dtype_for(dtype) == torch.float64 else torch.complex64
 
 
 # Transforms run over blocks of (batch x channel) rows (fourier.row_blocks), so that their
@@ -57,11 +54,11 @@ def to_spectrum(x: torch.Tensor, in_size: list[int], fft_size: list[int]) -> tor
     check_planned_size(x, in_size)
     real = fourier.real_dtype_for(x.dtype)
     if x.numel() == 0:  # an empty batch: MKL refuses a transform of no rows
-        return x.new_zeros((*x.shape[: x.dim() - rank], *fourier.rfft_bins(fft_size)), dtype=_complex_dtype(real))
+        return x.new_zeros((*x.shape[: x.dim() - rank], *fourier.rfft_bins(fft_size)), dtype=fourier.complex_dtype_for(real))
     if fourier.fits_one_block(x.numel() // math.prod(in_size), fft_size, real.itemsize):
         return fourier.rfftn(fourier.as_dtype(x, real), fft_size)
     rows = x.reshape(-1, *in_size)
-    out = torch.empty((rows.shape[0], *fourier.rfft_bins(fft_size)), dtype=_complex_dtype(real), device=x.device)
+    out = torch.empty((rows.shape[0], *fourier.rfft_bins(fft_size)), dtype=fourier.complex_dtype_for(real), device=x.device)
     for block in fourier.row_blocks(rows.shape[0], fft_size, real.itemsize):
         torch.fft.rfftn(rows[block].to(real), s=fft_size, dim=fourier.spatial_dims(rank), out=out[block])
     return out.reshape(*x.shape[: x.dim() - rank], *out.shape[1:])
@@ -70,7 +67,7 @@ def to_spectrum(x: torch.Tensor, in_size: list[int], fft_size: list[int]) -> tor
 @to_spectrum.register_fake
 def _(x, in_size, fft_size):
     batch = x.shape[: x.dim() - len(fft_size)]
-    return x.new_empty((*batch, *fourier.rfft_bins(fft_size)), dtype=_complex_dtype(x.dtype))
+    return x.new_empty((*batch, *fourier.rfft_bins(fft_size)), dtype=fourier.complex_dtype_for(x.dtype))
 
 
 def _to_spectrum_setup(ctx, inputs, output):
@@ -101,7 +98,7 @@ def to_spectrum_adjoint(grad: torch.Tensor, in_size: list[int], fft_size: list[i
     out = torch.empty((rows.shape[0], *in_size), dtype=out_dtype, device=grad.device)
     ones = [1] * rank
     for block in fourier.row_blocks(rows.shape[0], fft_size, real.itemsize, fourier.INVERSE_BLOCK_BYTES):
-        out[block] = _crop(fourier.irfftn(rows[block] * scale, fft_size), in_size, ones, fft_size)
+        out[block] = _take_outputs(fourier.irfftn(rows[block] * scale, fft_size), in_size, ones, fft_size)
     return out.reshape(*grad.shape[: grad.dim() - rank], *in_size)
 
 
@@ -308,7 +305,7 @@ def _output_positions(out: int, stride: int, fft_size: int, device) -> torch.Ten
     return (torch.arange(out, device=device) * stride) % fft_size
 
 
-def _crop(y: torch.Tensor, out_size: list[int], stride: list[int], fft_size: list[int]) -> torch.Tensor:
+def _take_outputs(y: torch.Tensor, out_size: list[int], stride: list[int], fft_size: list[int]) -> torch.Tensor:
     """Output ``j`` of each axis sits at grid position ``j·stride`` (mod the grid on a
     circular domain)."""
     rank = len(fft_size)
@@ -323,8 +320,8 @@ def _crop(y: torch.Tensor, out_size: list[int], stride: list[int], fft_size: lis
     return y
 
 
-def _uncrop(grad: torch.Tensor, out_size: list[int], stride: list[int], fft_size: list[int]) -> torch.Tensor:
-    """Adjoint of :func:`_crop` up to zero padding at the end (which the forward transform
+def _place_outputs(grad: torch.Tensor, out_size: list[int], stride: list[int], fft_size: list[int]) -> torch.Tensor:
+    """Adjoint of :func:`_take_outputs` up to zero padding at the end (which the forward transform
     of the result adds): the gradient at its grid positions. Axes the crop only narrowed
     are kept as they are, strided axes are zero-stuffed up to their last output, and
     outputs that wrap around a circular grid are added up on the whole grid."""
@@ -345,17 +342,13 @@ def _uncrop(grad: torch.Tensor, out_size: list[int], stride: list[int], fft_size
     return grad
 
 
-def _crop_adjoint(grad: torch.Tensor, out_size: list[int], stride: list[int], fft_size: list[int]) -> torch.Tensor:
-    """Adjoint of an inverse transform at ``fft_size`` followed by :func:`_crop`: the
+def _irfftn_take_outputs_adjoint(grad: torch.Tensor, out_size: list[int], stride: list[int], fft_size: list[int]) -> torch.Tensor:
+    """Adjoint of an inverse transform at ``fft_size`` followed by :func:`_take_outputs`: the
     gradient back at its positions, one forward transform (``to_spectrum``: run over blocks,
     and differentiable again), and the scale that makes it ``irfftn``'s adjoint."""
-    placed = _uncrop(grad, out_size, stride, fft_size)
+    placed = _place_outputs(grad, out_size, stride, fft_size)
     spectrum = to_spectrum(placed, list(placed.shape[placed.dim() - len(fft_size):]), fft_size)
     return spectrum.mul_(fourier.irfftn_adjoint_scale(fft_size, spectrum.real.dtype, spectrum.device))
-
-
-def _channel_view(bias: torch.Tensor, rank: int) -> torch.Tensor:
-    return bias.reshape(-1, *([1] * rank))
 
 
 def _inverse(y_hat: torch.Tensor, fft_size: list[int], out_size: list[int], stride: list[int]) -> torch.Tensor:
@@ -365,16 +358,16 @@ def _inverse(y_hat: torch.Tensor, fft_size: list[int], out_size: list[int], stri
     if folding.applies(fft_size, stride, out_size):
         grid = folding.folded_size(fft_size, stride)
         ones = [1] * len(fft_size)
-        return _crop(fourier.irfftn(folding.fold(y_hat, fft_size, stride), grid), out_size, ones, grid)
-    return _crop(fourier.irfftn(y_hat, fft_size), out_size, stride, fft_size)
+        return _take_outputs(fourier.irfftn(folding.fold(y_hat, fft_size, stride), grid), out_size, ones, grid)
+    return _take_outputs(fourier.irfftn(y_hat, fft_size), out_size, stride, fft_size)
 
 
 def _inverse_adjoint(grad: torch.Tensor, fft_size: list[int], out_size: list[int], stride: list[int]) -> torch.Tensor:
     if folding.applies(fft_size, stride, out_size):
         grid = folding.folded_size(fft_size, stride)
-        folded = _crop_adjoint(grad, out_size, [1] * len(fft_size), grid)
+        folded = _irfftn_take_outputs_adjoint(grad, out_size, [1] * len(fft_size), grid)
         return folding.fold_adjoint(folded, fft_size, stride)
-    return _crop_adjoint(grad, out_size, stride, fft_size)
+    return _irfftn_take_outputs_adjoint(grad, out_size, stride, fft_size)
 
 
 @spectral_op("from_spectrum")
@@ -391,7 +384,7 @@ def from_spectrum(y_hat: torch.Tensor, fft_size: list[int], out_size: list[int],
     if fourier.fits_one_block(y_hat.numel() // bins.numel(), fft_size, real.itemsize, fourier.INVERSE_BLOCK_BYTES):
         y = _inverse(y_hat, fft_size, out_size, stride)
         if bias is not None:
-            y = y + _channel_view(fourier.as_dtype(bias, real), rank)
+            y = y + fourier.channel_view(fourier.as_dtype(bias, real), rank)
         return fourier.as_dtype(y, out_dtype).contiguous()
     rows = y_hat.reshape(-1, *bins)
     out = torch.empty((rows.shape[0], *out_size), dtype=out_dtype, device=y_hat.device)
@@ -400,7 +393,7 @@ def from_spectrum(y_hat: torch.Tensor, fft_size: list[int], out_size: list[int],
     for block in fourier.row_blocks(rows.shape[0], fft_size, real.itemsize, fourier.INVERSE_BLOCK_BYTES):
         y = _inverse(rows[block], fft_size, out_size, stride)
         if row_bias is not None:
-            y = y + _channel_view(row_bias[block], rank)
+            y = y + fourier.channel_view(row_bias[block], rank)
         out[block] = y
     return out.reshape(*y_hat.shape[: y_hat.dim() - rank], *out_size)
 
@@ -433,20 +426,20 @@ def _from_spectrum_backward(ctx, grad):
 from_spectrum.register_autograd(_from_spectrum_backward, setup_context=_from_spectrum_setup)
 
 
-# --- spectral_conv -----------------------------------------------------------------------
+# --- lowered_conv ------------------------------------------------------------------------
 
 # Above this size the output spectrum of a merged conv on the CPU is made a block of output
 # channels at a time, each block transformed back into the output: a whole one would be
 # fresh mmap'd memory on every call (glibc maps blocks past its threshold, which stops
 # rising at 32 MiB). Convnet L1 (8 x 96 channels, 128 x 65 bins: 51 MB) ran in 77.6 ms a
 # call in blocks against 99.1 ms whole (one loaded run on this project's 2-core CPU).
-WHOLE_SPECTRUM_BYTES = 32 << 20
+WHOLE_SPECTRUM_BYTES = MMAP_CEILING_BYTES
 
 
-@spectral_op("spectral_conv")
-def spectral_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], in_size: list[int],
-                  fft_size: list[int], dilation: list[int], shift: list[int], groups: int,
-                  out_size: list[int], stride: list[int], out_dtype: torch.dtype) -> torch.Tensor:
+@spectral_op("lowered_conv")
+def lowered_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], in_size: list[int],
+                 fft_size: list[int], dilation: list[int], shift: list[int], groups: int,
+                 out_size: list[int], stride: list[int], out_dtype: torch.dtype) -> torch.Tensor:
     """A lowered conv whose spectra nothing else reads, as one call: ``from_spectrum(
     spectral_mix(to_spectrum(x)))``, run by the three ops' implementations for ``x``'s
     device (with the output spectrum in blocks of channels past
@@ -518,17 +511,17 @@ def _conv_in_channel_blocks(x_hat, weight, bias, fft_size, dilation, shift, grou
     return out
 
 
-@spectral_conv.register_fake
+@lowered_conv.register_fake
 def _(x, weight, bias, in_size, fft_size, dilation, shift, groups, out_size, stride, out_dtype):
     batch = x.shape[: x.dim() - len(fft_size) - 1]
     return x.new_empty((*batch, weight.shape[0], *out_size), dtype=out_dtype)
 
 
-def _spectral_conv_as_three_ops(x, weight, bias, in_size, fft_size, dilation, shift, groups, out_size, stride,
-                                out_dtype):
+def _lowered_conv_as_three_ops(x, weight, bias, in_size, fft_size, dilation, shift, groups, out_size, stride,
+                               out_dtype):
     y_hat = spectral_mix(to_spectrum(x, in_size, fft_size), weight, fft_size, dilation, shift, groups)
     out = from_spectrum(y_hat, fft_size, out_size, stride, bias, out_dtype)
     return _finite_or_direct(out, x, weight, bias, fft_size, dilation, shift, groups, out_size, stride, out_dtype)
 
 
-spectral_conv.register_composite_autograd(_spectral_conv_as_three_ops)
+lowered_conv.register_composite_autograd(_lowered_conv_as_three_ops)

@@ -77,10 +77,6 @@ def kernel_blocks(groups: int, out_per_group: int, bytes_per_channel: int) -> li
             for g in range(groups) for o in range(0, out_per_group, step)]
 
 
-def _complex_dtype(real: torch.dtype) -> torch.dtype:
-    return torch.complex128 if real == torch.float64 else torch.complex64
-
-
 def weight_spectrum(w: torch.Tensor, fft_size: Sequence[int], dilation: Sequence[int],
                     shift: Sequence[int], groups: int, path: str) -> torch.Tensor:
     """Conjugate spectrum of the placed kernel, laid out for the contraction ``path``
@@ -100,7 +96,7 @@ def weight_spectrum(w: torch.Tensor, fft_size: Sequence[int], dilation: Sequence
     out_per_group = c_out // groups
     freqs = math.prod(fourier.rfft_bins(fft_size))
     laid = torch.empty(contraction.laid_shape(c_out, c_in_g, freqs, groups, path),
-                       dtype=_complex_dtype(real), device=w.device)
+                       dtype=fourier.complex_dtype_for(real), device=w.device)
     target = contraction.group_view(laid, groups, path)
     kernels = w.reshape(groups, out_per_group, c_in_g, *w.shape[2:])
     grid_bytes = c_in_g * math.prod(fft_size) * laid.element_size()

@@ -163,11 +163,17 @@ def _fused_2d_kernel(x_ptr, y_ptr, inv_cos_ptr, inv_sin_ptr, fwd_cos_ptr, fwd_si
     tl.store(y_ptr + offs + 1, out_im, mask=bins)
 
 
-def supports(x_hat: torch.Tensor, fft_size: list[int]) -> bool:
-    """Whether the fused kernels take this spectrum: complex64, a 1D or 2D grid of at most
-    :data:`MAX_FUSED_SIZE` per axis."""
-    return (x_hat.dtype == torch.complex64 and len(fft_size) in (1, 2)
-            and all(0 < p <= MAX_FUSED_SIZE for p in fft_size))
+def not_supported_reasons(x_hat: torch.Tensor, fft_size: list[int]) -> list[str]:
+    """Why the fused kernels do not take this spectrum (empty when they do): they take
+    complex64 on a 1D or 2D grid of at most :data:`MAX_FUSED_SIZE` per axis."""
+    reasons = []
+    if x_hat.dtype != torch.complex64:
+        reasons.append(f"the spectrum is {x_hat.dtype}, not complex64")
+    if len(fft_size) not in (1, 2):
+        reasons.append(f"the grid is {len(fft_size)}D, not 1D or 2D")
+    if not all(0 < p <= MAX_FUSED_SIZE for p in fft_size):
+        reasons.append(f"grid {list(fft_size)}: the fused kernels take at most {MAX_FUSED_SIZE} per axis")
+    return reasons
 
 
 def _channel_vector(v: Optional[torch.Tensor], channels: int, like: torch.Tensor) -> torch.Tensor:
@@ -182,9 +188,9 @@ def _fused(x_hat: torch.Tensor, fft_size: list[int], size: list[int], eval_size:
            coeffs: Optional[torch.Tensor]) -> torch.Tensor:
     """Launch the 1D or 2D fused kernel; ``act`` is a map code, ``eval_size`` the spatial
     extent evaluated (the rest of the grid is zero before the forward transform)."""
-    if not supports(x_hat, fft_size):
-        raise ValueError(f"the fused Triton activation takes complex64 spectra on 1D or 2D grids of at most "
-                         f"{MAX_FUSED_SIZE} per axis, got {x_hat.dtype} on grid {list(fft_size)}")
+    reasons = not_supported_reasons(x_hat, fft_size)
+    if reasons:
+        raise ValueError(f"the fused Triton activation does not take this spectrum: {'; '.join(reasons)}")
     rank = len(fft_size)
     bins = fourier.rfft_bins(fft_size)
     if list(x_hat.shape[x_hat.dim() - rank:]) != bins:

@@ -45,10 +45,21 @@ def _on_device(t: torch.Tensor) -> ContextManager:
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def mix_not_supported_reasons(x_hat: torch.Tensor, weight: torch.Tensor) -> list[str]:
+    """Why the Triton contraction does not take these operands (empty when it does): it
+    computes in fp32 only."""
+    reasons = []
+    if x_hat.dtype != torch.complex64:
+        reasons.append(f"the spectrum is {x_hat.dtype}, not complex64")
+    if fourier.real_dtype_for(weight.dtype) != torch.float32:
+        reasons.append(f"the weight is {weight.dtype}, which computes in float64")
+    return reasons
+
+
 def spectral_mix_cuda(x_hat: torch.Tensor, weight: torch.Tensor, fft_size: list[int], dilation: list[int],
                       shift: list[int], groups: int) -> torch.Tensor:
     """``specfx::spectral_mix`` with the Triton contraction (fp32)."""
-    if not _enabled or x_hat.dtype != torch.complex64 or fourier.real_dtype_for(weight.dtype) != torch.float32:
+    if not _enabled or mix_not_supported_reasons(x_hat, weight):
         return spectral_ops.spectral_mix.kernel(x_hat, weight, fft_size, dilation, shift, groups)
     from . import mix
 
@@ -68,7 +79,7 @@ def spectral_activation_cuda(x_hat: torch.Tensor, fft_size: list[int], size: lis
     """``specfx::spectral_activation`` with the fused Triton kernel on small grids."""
     from . import activation as fused
 
-    if _enabled and fused.supports(x_hat, fft_size):
+    if _enabled and not fused.not_supported_reasons(x_hat, fft_size):
         with _on_device(x_hat):
             return fused.spectral_activation(x_hat, fft_size, size, scale, shift, activation, negative_slope)
     return activation_ops.spectral_activation.kernel(x_hat, fft_size, size, scale, shift, activation,
@@ -81,12 +92,20 @@ def poly_activation_cuda(x_hat: torch.Tensor, coeffs: torch.Tensor, fft_size: li
     """``specfx::poly_activation`` with the fused Triton kernel on small grids."""
     from . import activation as fused
 
-    if _enabled and fused.supports(x_hat, fft_size):
+    if _enabled and not fused.not_supported_reasons(x_hat, fft_size):
         with _on_device(x_hat):
             return fused.poly_activation(x_hat, coeffs, fft_size, size, scale, shift, mask_input)
     return activation_ops.poly_activation.kernel(x_hat, coeffs, fft_size, size, scale, shift, mask_input)
 
 
-spectral_ops.spectral_mix.register_kernel("cuda", spectral_mix_cuda)
-activation_ops.spectral_activation.register_kernel("cuda", spectral_activation_cuda)
-activation_ops.poly_activation.register_kernel("cuda", poly_activation_cuda)
+# The ops with Triton kernels, and those kernels (importable without Triton: the kernel
+# modules load on the first call).
+CUDA_KERNELS = ((spectral_ops.spectral_mix, spectral_mix_cuda),
+                (activation_ops.spectral_activation, spectral_activation_cuda),
+                (activation_ops.poly_activation, poly_activation_cuda))
+
+
+def register_cuda_kernels() -> None:
+    """Make the Triton kernels the ops' CUDA implementations."""
+    for op, kernel in CUDA_KERNELS:
+        op.register_kernel("cuda", kernel)
