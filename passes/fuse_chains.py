@@ -52,7 +52,7 @@ from specfx import node_meta
 from specfx.chains.plan import ChainPlan
 from specfx.chains.recognize import ChainOp, OpKind, conv_geometry_of, rows_and_size
 from specfx.chains.runtime import batch_norm_affine, chain_outputs
-from specfx.canonical import bind_schema, conv_site, tensor_info, weight_value
+from specfx.canonical import bind_schema, conv_site, weight_shape
 from specfx.capture import keep_buffers_non_persistent_on_copy
 from specfx.pipeline import PassContext
 from specfx.torch_compat import rename_as_fresh
@@ -304,8 +304,7 @@ class _Rewriter:
                 spectrum = self.plain(v, self.size(x), (node.name, self.name_of(x)) in self.masks, node)
                 if op.kind is OpKind.CONV:
                     site = conv_site(self.gm, node)
-                    w = weight_value(self.gm, site)
-                    kernel = list((w.shape if w is not None else tensor_info(site.weight)[0])[2:])
+                    kernel = list(weight_shape(self.gm, site)[2:])
                     dilation, pads = conv_geometry_of(site, tuple(kernel))
                     weight = self.weight(site)
                     bias = site.bias

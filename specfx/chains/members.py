@@ -23,7 +23,7 @@ import torch.fx as fx
 
 from specfx import cost_model as cm
 from specfx import node_meta
-from specfx.canonical import conv_site, tensor_info, weight_value
+from specfx.canonical import conv_site, tensor_info, weight_shape
 
 from .chain import Chain, Member
 from .plan import ConvPlan
@@ -74,8 +74,7 @@ def _conv_member(gm: fx.GraphModule, node: fx.Node, op: ChainOp, rank: int,
     """A conv as a member: an anchor (``plan``: its ConvPlan) or a conv kept direct."""
     site = op.site
     info_in, info_out = rows_and_size(site.input, rank), rows_and_size(node, rank)
-    w = weight_value(gm, site)
-    w_shape = tuple(w.shape) if w is not None else (tensor_info(site.weight) or (None,))[0]
+    w_shape = weight_shape(gm, site)
     if info_in is None or info_out is None or w_shape is None:
         return None
     batch, cin, _, dtype = info_in
