@@ -107,6 +107,7 @@ class _Rewriter:
         if missing:
             raise RuntimeError(f"specfx: fuse_chains found no lowered ops for conv {missing[0]!r}")
         self.lowered = {c: recorded[c] for c in plan.convs}  # the chain's convs, as lower_convs made them
+        self.order = {n: k for k, n in enumerate(self.graph.nodes)}
 
     # helpers ------------------------------------------------------------------------------
     def name_of(self, node: fx.Node) -> str:
@@ -365,12 +366,22 @@ class _Rewriter:
             OPS.spectral_affine.default, (value.node, self.grid, size, self.arg(value.scale, "scale"), None),
             source=node)
         y = self.add(OPS.from_spectrum.default,
-                     (x, self.grid, size, [1] * self.rank, self.arg(value.shift, "shift"), self.plan.dtype),
+                     (x, self.grid, size, [1] * self.rank, self.arg(value.shift, "shift"), self.output_dtype(node)),
                      source=node)
         y.meta[node_meta.REPLACES] = node.name
         self.materialized[node.name] = y
         for user in spatial:
             user.replace_input_with(node, y)
+
+    def output_dtype(self, source: fx.Node) -> Union[fx.Node, torch.dtype]:
+        """The dtype a materialized value is returned in: what the chain's first conv
+        returns, read at run time from its weight as ``lower_convs`` reads it (so a module
+        converted with ``.double()`` computes and returns float64); the captured dtype
+        where that conv's is fixed (autocast)."""
+        first = min(self.lowered.values(), key=lambda c: self.order[c.spectral_mix])
+        if not isinstance(first.from_spectrum.args[5], fx.Node):
+            return self.plan.dtype
+        return self.add(getattr, (first.spectral_mix.args[1], "dtype"), source=source)
 
     def training_fallback(self, outputs: list[tuple[str, fx.Node]]) -> None:
         """Read each of the chain's spatial ``outputs`` (``(node name in the plan, node)``,

@@ -196,3 +196,31 @@ def test_functional_conv_weight_of_another_shape_raises():
     fast.w = nn.Parameter(torch.randn(4, 4, 5, 5))
     with pytest.raises(StalePlanError, match="optimize again"):
         fast(x)
+
+
+class ChainWithSkip(nn.Module):
+    """A fused chain whose residual sum (computed in the frequency domain) is read
+    spatially by an op outside the chain: the chain materializes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(4, 4, 9, padding=4)
+        self.a = nn.Conv2d(4, 4, 7, padding=3)
+        self.b = nn.Conv2d(4, 4, 5, padding=2)
+        self.c = nn.Conv2d(4, 4, 5, padding=2)
+
+    def forward(self, x):
+        y = self.stem(x)
+        s = self.b(F.gelu(self.a(y))) + y
+        return self.c(s) + torch.tanh(s)
+
+
+def test_double_after_optimize_follows_through_a_materialized_chain_value():
+    torch.manual_seed(0)
+    model, x = ChainWithSkip().eval(), torch.randn(2, 4, 20, 20)
+    fast = specfx.optimize(model, (x,), policy="always")
+    assert [c.fused for c in fast.specfx_report.chains] == [True]
+    y = copy.deepcopy(fast).double()(x.double())
+    assert y.dtype == torch.float64
+    expected = copy.deepcopy(model).double()(x.double())
+    torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10 * expected.abs().max().item())
