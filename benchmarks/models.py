@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 import specfx  # noqa: E402
 from quickstart import LargeKernelNet  # noqa: E402
-from real_models import make_non_degenerate  # noqa: E402
+from real_models import hf_model, make_non_degenerate, monai_model  # noqa: E402
 from run import markdown_table, print_table  # noqa: E402
 from timing import interleaved_medians  # noqa: E402
 
@@ -66,20 +66,6 @@ class Model:
         return model, x
 
 
-def _hf(model_cls: str, config_cls: str, **config) -> Callable[[], nn.Module]:
-    def make() -> nn.Module:
-        import transformers
-        return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**config))
-    return make
-
-
-def _monai(net: str, **kwargs) -> Callable[[], nn.Module]:
-    def make() -> nn.Module:
-        from monai.networks import nets
-        return getattr(nets, net)(**kwargs)
-    return make
-
-
 def _speech(kind: str, seconds: float, layers: int) -> Model:
     """A base-sized speech encoder (hidden 768, the full 7-conv feature extractor, the
     k128 16-group positional conv or the conformer's k31 depthwise convs) with ``layers``
@@ -94,7 +80,7 @@ def _speech(kind: str, seconds: float, layers: int) -> Model:
     # The conformer's encoder builds the positional conv but its forward never calls it.
     convs = ("k31 depthwise conv modules, relative positions" if kind == "conformer"
              else "pos conv k128 g16")
-    return Model(f"{kind}_{seconds:g}s", _hf(*classes[kind], **config), (1, int(seconds * SAMPLE_RATE)),
+    return Model(f"{kind}_{seconds:g}s", hf_model(*classes[kind], **config), (1, int(seconds * SAMPLE_RATE)),
                  f"base: hidden 768, 7 feature convs, {convs}, {layers} encoder layers; {seconds:g} s of 16 kHz audio")
 
 
@@ -105,14 +91,14 @@ def _replknet(channels: int, blocks: int, size: int) -> Model:
 
 
 def _mednext(filters: int, size: int) -> Model:
-    return Model("mednext", _monai("MedNeXt", spatial_dims=3, init_filters=filters, in_channels=1, out_channels=2,
+    return Model("mednext", monai_model("MedNeXt", spatial_dims=3, init_filters=filters, in_channels=1, out_channels=2,
                                    kernel_size=7, blocks_down=(1, 1, 1, 1), blocks_bottleneck=1,
                                    blocks_up=(1, 1, 1, 1), use_residual_connection=True, global_resp_norm=True),
                  (1, 1, size, size, size), f"k7 depthwise 3D, init filters {filters}, 1 block per stage, GRN; {size}^3")
 
 
 def _segresnet(filters: int, size: int) -> Model:
-    return Model("segresnet", _monai("SegResNet", spatial_dims=3, init_filters=filters, in_channels=1,
+    return Model("segresnet", monai_model("SegResNet", spatial_dims=3, init_filters=filters, in_channels=1,
                                      out_channels=2),
                  (1, 1, size, size, size), f"monai defaults (blocks down 1,2,2,4), init filters {filters}; {size}^3")
 
@@ -128,9 +114,9 @@ def models(quick: bool) -> list[Model]:
         _replknet(128, 2, 112),
         _mednext(8, 48),
         _segresnet(8, 64),
-        Model("resnet50", _hf("ResNetModel", "ResNetConfig"), (1, 3, 224, 224),
+        Model("resnet50", hf_model("ResNetModel", "ResNetConfig"), (1, 3, 224, 224),
               "transformers ResNetConfig defaults (ResNet-50: bottleneck, depths 3,4,6,3)"),
-        Model("convnext_tiny", _hf("ConvNextModel", "ConvNextConfig"), (1, 3, 224, 224),
+        Model("convnext_tiny", hf_model("ConvNextModel", "ConvNextConfig"), (1, 3, 224, 224),
               "transformers ConvNextConfig defaults (tiny: hidden 96..768, depths 3,3,9,3, k7 depthwise)"),
     ]
 

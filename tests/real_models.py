@@ -137,14 +137,17 @@ class Case:
         return model, (x,)
 
 
-def _hf(model_cls: str, config_cls: str, **config) -> Callable[[], nn.Module]:
+def hf_model(model_cls: str, config_cls: str, **config) -> Callable[[], nn.Module]:
+    """A factory of the ``transformers`` model ``model_cls`` built from ``config_cls(**config)``
+    (random weights; nothing is downloaded)."""
     def make() -> nn.Module:
         import transformers
         return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**config))
     return make
 
 
-def _monai(net: str, **kwargs) -> Callable[[], nn.Module]:
+def monai_model(net: str, **kwargs) -> Callable[[], nn.Module]:
+    """A factory of monai's ``networks.nets.<net>(**kwargs)``."""
     def make() -> nn.Module:
         from monai.networks import nets
         return getattr(nets, net)(**kwargs)
@@ -163,22 +166,22 @@ _AUDIO_SHORT = dict(_AUDIO, num_conv_pos_embeddings=16, num_conv_pos_embedding_g
 
 _CASES = [
     # --- transformers, vision ------------------------------------------------------------
-    Case("resnet", _hf("ResNetModel", "ResNetConfig", embedding_size=8, hidden_sizes=[16, 32],
+    Case("resnet", hf_model("ResNetModel", "ResNetConfig", embedding_size=8, hidden_sizes=[16, 32],
                        depths=[1, 2], layer_type="bottleneck"),
          (2, 3, 32, 32), "bottleneck, embedding 8, hidden [16, 32], depths [1, 2]"),
-    Case("resnet_basic", _hf("ResNetModel", "ResNetConfig", embedding_size=8, hidden_sizes=[8, 16],
+    Case("resnet_basic", hf_model("ResNetModel", "ResNetConfig", embedding_size=8, hidden_sizes=[8, 16],
                              depths=[1, 1], layer_type="basic", downsample_in_first_stage=True),
          (2, 3, 32, 32), "basic blocks, embedding 8, hidden [8, 16], depths [1, 1]"),
-    Case("convnext", _hf("ConvNextModel", "ConvNextConfig", hidden_sizes=[8, 16], depths=[1, 2],
+    Case("convnext", hf_model("ConvNextModel", "ConvNextConfig", hidden_sizes=[8, 16], depths=[1, 2],
                          num_stages=2, image_size=32),
          (2, 3, 32, 32), "hidden [8, 16], depths [1, 2], k7 depthwise, layer scale"),
-    Case("mobilenet_v2", _hf("MobileNetV2Model", "MobileNetV2Config", depth_multiplier=0.35,
+    Case("mobilenet_v2", hf_model("MobileNetV2Model", "MobileNetV2Config", depth_multiplier=0.35,
                              image_size=32),
          (2, 3, 48, 48), "depth multiplier 0.35 (17 inverted residuals), tf padding, 48x48 (last maps 2x2)"),
-    Case("regnet", _hf("RegNetModel", "RegNetConfig", embedding_size=8, hidden_sizes=[8, 16],
+    Case("regnet", hf_model("RegNetModel", "RegNetConfig", embedding_size=8, hidden_sizes=[8, 16],
                        depths=[1, 2], groups_width=4, layer_type="y"),
          (2, 3, 32, 32), "Y blocks (SE), embedding 8, hidden [8, 16], depths [1, 2], group width 4"),
-    Case("efficientnet", _hf("EfficientNetModel", "EfficientNetConfig", image_size=32,
+    Case("efficientnet", hf_model("EfficientNetModel", "EfficientNetConfig", image_size=32,
                              width_coefficient=0.25, depth_coefficient=0.5,
                              kernel_sizes=[3, 3, 5], in_channels=[32, 16, 24],
                              out_channels=[16, 24, 40], strides=[1, 2, 2],
@@ -186,32 +189,32 @@ _CASES = [
                              hidden_dim=320, depthwise_padding=[]),
          (2, 3, 32, 32), "width 0.25, depth 0.5, 3 stages (k3, k3, k5), top conv 320"),
     # --- transformers, audio -------------------------------------------------------------
-    Case("wav2vec2", _hf("Wav2Vec2Model", "Wav2Vec2Config", **_AUDIO),
+    Case("wav2vec2", hf_model("Wav2Vec2Model", "Wav2Vec2Config", **_AUDIO),
          (2, 3200), "hidden 32, 1 layer, feature convs (16, 16) k(10, 3) s(5, 2), pos conv k128 g16"),
-    Case("wav2vec2_stable_ln", _hf("Wav2Vec2Model", "Wav2Vec2Config", feat_extract_norm="layer",
+    Case("wav2vec2_stable_ln", hf_model("Wav2Vec2Model", "Wav2Vec2Config", feat_extract_norm="layer",
                                    do_stable_layer_norm=True, **_AUDIO_SHORT),
          (2, 800), "as wav2vec2 with layer-norm feature extractor, pre-LN encoder, pos conv k16 g4"),
-    Case("wav2vec2_conformer", _hf("Wav2Vec2ConformerModel", "Wav2Vec2ConformerConfig",
+    Case("wav2vec2_conformer", hf_model("Wav2Vec2ConformerModel", "Wav2Vec2ConformerConfig",
                                    conv_depthwise_kernel_size=31, conformer_conv_dropout=0.0,
                                    position_embeddings_type="relative", **_AUDIO),
          (2, 3200), "as wav2vec2, conformer layer: relative positions, k31 depthwise conv module"),
-    Case("hubert", _hf("HubertModel", "HubertConfig", **_AUDIO),
+    Case("hubert", hf_model("HubertModel", "HubertConfig", **_AUDIO),
          (2, 3200), "as wav2vec2 (HuBERT encoder)"),
     # --- monai, 3D -----------------------------------------------------------------------
-    Case("monai_unet", _monai("UNet", spatial_dims=3, in_channels=1, out_channels=2,
+    Case("monai_unet", monai_model("UNet", spatial_dims=3, in_channels=1, out_channels=2,
                               channels=(4, 8, 16), strides=(2, 2), num_res_units=1),
          (1, 1, 32, 32, 32), "channels (4, 8, 16), strides (2, 2), 1 residual unit, instance norm"),
-    Case("monai_basic_unet", _monai("BasicUNet", spatial_dims=3, in_channels=1, out_channels=2,
+    Case("monai_basic_unet", monai_model("BasicUNet", spatial_dims=3, in_channels=1, out_channels=2,
                                     features=(4, 4, 8, 8, 16, 4)),
          (1, 1, 32, 32, 32), "features (4, 4, 8, 8, 16, 4), affine instance norm, deconv"),
-    Case("monai_segresnet", _monai("SegResNet", spatial_dims=3, init_filters=8, in_channels=1,
+    Case("monai_segresnet", monai_model("SegResNet", spatial_dims=3, init_filters=8, in_channels=1,
                                    out_channels=2, blocks_down=(1, 2, 1), blocks_up=(1, 1)),
          (1, 1, 32, 32, 32), "init filters 8, blocks down (1, 2, 1), up (1, 1), group norm"),
-    Case("monai_dynunet", _monai("DynUNet", spatial_dims=3, in_channels=1, out_channels=2,
+    Case("monai_dynunet", monai_model("DynUNet", spatial_dims=3, in_channels=1, out_channels=2,
                                  kernel_size=[3, 3, 3], strides=[1, 2, 2],
                                  upsample_kernel_size=[2, 2], filters=[4, 8, 16], res_block=True),
          (1, 1, 32, 32, 32), "filters (4, 8, 16), strides (1, 2, 2), residual blocks"),
-    Case("monai_mednext", _monai("MedNeXt", spatial_dims=3, init_filters=4, in_channels=1,
+    Case("monai_mednext", monai_model("MedNeXt", spatial_dims=3, init_filters=4, in_channels=1,
                                  out_channels=2, kernel_size=7, blocks_down=(1, 1),
                                  blocks_bottleneck=1, blocks_up=(1, 1),
                                  use_residual_connection=True, global_resp_norm=True),
