@@ -169,7 +169,7 @@ def test_many_one_off_weights_kept_alive_stay_within_the_budget(monkeypatch):
 
 def test_least_recently_used_entry_is_evicted_first():
     a, b, c = (torch.randn(4, 3, 3, 3) for _ in range(3))
-    cache = SpectrumCache(max_bytes=int(2.5 * entry_bytes(a)))
+    cache = SpectrumCache(max_bytes=int(2.5 * entry_bytes(a)), working_set_lookups=0)
     for w in (a, b, a, c):  # a is used after b: b is the least recently used when c comes
         cache.get(w, *GEOMETRY)
     assert (cache.hits, cache.misses) == (1, 3)
@@ -179,6 +179,33 @@ def test_least_recently_used_entry_is_evicted_first():
     cache.get(b, *GEOMETRY)
     assert cache.misses == 4
     assert cache.nbytes == 2 * entry_bytes(a)
+
+
+def test_a_loop_larger_than_the_budget_keeps_the_spectra_that_fit():
+    """Three weights read in turn, room for two: least-recently-used eviction would evict
+    each time the one read next (no hits at all); the working set stays instead."""
+    weights = [torch.randn(4, 3, 3, 3) for _ in range(3)]
+    cache = SpectrumCache(max_bytes=int(2.5 * entry_bytes(weights[0])))
+    for _ in range(10):
+        for w in weights:
+            cache.get(w, *GEOMETRY)
+    assert (cache.hits, cache.misses) == (18, 12)  # two hits a round after the first
+    assert cache.nbytes == 2 * entry_bytes(weights[0])
+
+
+def test_entries_outside_the_working_set_make_room():
+    old, a, b = (torch.randn(4, 3, 3, 3) for _ in range(3))
+    cache = SpectrumCache(max_bytes=int(2.5 * entry_bytes(old)), working_set_lookups=4)
+    cache.get(old, *GEOMETRY)
+    cache.get(a, *GEOMETRY)
+    for _ in range(4):  # old is now 4 lookups behind: out of the working set
+        cache.get(a, *GEOMETRY)
+    cache.get(b, *GEOMETRY)
+    cache.get(b, *GEOMETRY)
+    cache.get(a, *GEOMETRY)
+    assert (cache.hits, cache.misses) == (6, 3)
+    cache.get(old, *GEOMETRY)
+    assert cache.misses == 4
 
 
 def test_spectrum_larger_than_the_budget_is_returned_but_not_cached():

@@ -24,13 +24,33 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from . import contraction, fourier
 
-# Budget of the global cache (SPECFX_SPECTRUM_CACHE_MB overrides it). It holds all the
-# spectra of RepLKNet-31B's 24 depthwise 31x31 kernels at 224x224 (92 MiB) for two input
-# sizes, or wav2vec2's positional conv (768x48x128, 16 groups; 99 MiB on 10 s of audio)
-# on up to 30 s of audio (243 MiB): the large kernels that lowering is for. A stream of
+# Budget of the global cache (SPECFX_SPECTRUM_CACHE_MB overrides it): a sixteenth of the
+# machine's memory, within [256 MiB, 4 GiB]. 256 MiB holds all the spectra of
+# RepLKNet-31B's 24 depthwise 31x31 kernels at 224x224 (92 MiB) for two input sizes, or
+# wav2vec2's positional conv on 30 s of audio (243 MiB); three dense 64x64x15x15 convs on
+# 64x64 maps need 262 MiB (87 MiB each), and a 24 GiB machine gives 1.5 GiB. A stream of
 # one-off weights, each spectrum 18 MiB for an 8x8x5x5 kernel on 256x256 inputs, stops
-# there instead of growing by gigabytes.
-DEFAULT_MAX_BYTES = 256 * 2**20
+# at the budget instead of growing by gigabytes.
+MIN_DEFAULT_BYTES, MAX_DEFAULT_BYTES = 256 * 2**20, 4 * 2**30
+
+
+def _default_max_bytes() -> int:
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return MIN_DEFAULT_BYTES
+    return min(max(memory // 16, MIN_DEFAULT_BYTES), MAX_DEFAULT_BYTES)
+
+
+DEFAULT_MAX_BYTES = _default_max_bytes()
+
+# An entry used within this many cache lookups is in the working set of whatever is
+# running (a model's forward and backward look up each of its lowered convs once or
+# twice): a new spectrum does not evict it, and goes uncached instead. Evicting the least
+# recently used entry of a loop that does not fit evicts the very entry the loop reads
+# next: three 87 MiB spectra in a 256 MiB budget missed on every call (12x slower than
+# cached); kept, two of the three hit.
+WORKING_SET_LOOKUPS = 1024
 
 
 def tap_positions(kernel_size: int, dilation: int, shift: int, fft_size: int, device) -> torch.Tensor:
@@ -167,9 +187,10 @@ class SpectrumCache:
     ``SPECFX_SPECTRUM_CACHE_MB``, in MiB, at import, else :data:`DEFAULT_MAX_BYTES`). Past
     it the least recently used entries go; a spectrum larger than the whole budget is
     computed and returned but not cached, and ``0`` turns caching off. :attr:`nbytes` is
-    what is held now. Lowering :attr:`max_bytes` evicts at once. A training step whose
-    spectra exceed the budget loses the first layers' before its backward reads them, which
-    then computes them again.
+    what is held now. Lowering :attr:`max_bytes` evicts at once. Entries used within the
+    last ``working_set_lookups`` lookups (:data:`WORKING_SET_LOOKUPS`) are not evicted to make room for a new one
+    (the new spectrum goes uncached): a model whose spectra exceed the budget keeps those
+    that fit, instead of evicting, on every call, the one it reads next.
 
     Threads: calls may run concurrently with each other and with writes to the weights. A
     miss takes the weight's stamp, then copies its values, and transforms that copy, so a
@@ -180,7 +201,8 @@ class SpectrumCache:
     held while a spectrum is computed.
     """
 
-    def __init__(self, verify_contents: bool = True, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(self, verify_contents: bool = True, max_bytes: int = DEFAULT_MAX_BYTES,
+                 working_set_lookups: int = WORKING_SET_LOOKUPS) -> None:
         # id(weight) -> its record. Looked up by id on every call, so that a hit costs a
         # dict lookup, not a weak-key wrapper per call.
         self._records: dict[int, _Record] = {}
@@ -198,6 +220,11 @@ class SpectrumCache:
         self.verify_contents = verify_contents
         self.hits = 0
         self.misses = 0
+        # Lookups so far, and the count at each entry's last use (see WORKING_SET_LOOKUPS).
+        # Hits update both without the lock: a lost increment only ages an entry less.
+        self._lookups = 0
+        self._last_used: dict[tuple[int, tuple], int] = {}
+        self.working_set_lookups = working_set_lookups
 
     @property
     def nbytes(self) -> int:
@@ -225,6 +252,7 @@ class SpectrumCache:
         if w.is_inference() or not is_plain_tensor(w):
             return weight_spectrum(w, fft_size, dilation, shift, groups, path)
         geometry = (tuple(fft_size), tuple(dilation), tuple(shift), groups, path)
+        self._lookups += 1
         stamp = (w._version, w.data_ptr(), w.dtype, w.device, tuple(w.shape), w.stride(),
                  w.storage_offset())
         key = id(w)
@@ -234,6 +262,7 @@ class SpectrumCache:
             if entry is not None and entry.stamp == stamp and self._still_valid(entry, w):
                 try:
                     self._lru.move_to_end((key, geometry))
+                    self._last_used[(key, geometry)] = self._lookups
                 except KeyError:  # evicted meanwhile; this call still has its spectrum
                     pass
                 self.hits += 1
@@ -275,17 +304,20 @@ class SpectrumCache:
         return not entry.storage.expired() and entry.storage == StorageWeakRef(w.untyped_storage())
 
     def _insert(self, w: torch.Tensor, geometry: tuple, entry: _Entry) -> None:
-        """Cache ``entry``, evicting the least recently used entries to make room; one
-        larger than the whole budget is not cached. Under the lock."""
+        """Cache ``entry``, evicting the least recently used entries outside the working set
+        to make room; one that finds no room, or is larger than the whole budget, is not
+        cached. Under the lock."""
         if entry.nbytes > self._max_bytes:
             return
         # A concurrent miss of the same geometry may have cached its own snapshot: both
         # are self-consistent, the later one replaces it.
         record = self._record_of(w)
         self._discard(record, geometry)
-        self._evict_down_to(self._max_bytes - entry.nbytes)
+        if not self._evict_down_to(self._max_bytes - entry.nbytes, spare_working_set=True):
+            return
         record.entries[geometry] = entry
         self._lru[(record.key, geometry)] = record
+        self._last_used[(record.key, geometry)] = self._lookups
         self._nbytes += entry.nbytes
 
     def _record_of(self, w: torch.Tensor) -> _Record:
@@ -312,6 +344,7 @@ class SpectrumCache:
 
     def _discard(self, record: _Record, geometry: tuple) -> None:
         self._lru.pop((record.key, geometry), None)
+        self._last_used.pop((record.key, geometry), None)
         entry = record.entries.pop(geometry, None)
         if entry is not None:
             self._nbytes -= entry.nbytes
@@ -321,12 +354,16 @@ class SpectrumCache:
         for geometry in list(record.entries):
             self._discard(record, geometry)
 
-    def _evict_down_to(self, limit: int) -> None:
-        """Evict the least recently used entries until at most ``limit`` bytes are held.
-        Under the lock."""
+    def _evict_down_to(self, limit: int, spare_working_set: bool = False) -> bool:
+        """Evict the least recently used entries until at most ``limit`` bytes are held;
+        with ``spare_working_set``, stop at the first entry used within the last
+        :attr:`working_set_lookups` lookups. Whether the limit was reached. Under the lock."""
         while self._nbytes > limit:
-            (_, geometry), record = self._lru.popitem(last=False)
-            self._discard(record, geometry)
+            key, record = next(iter(self._lru.items()))
+            if spare_working_set and self._lookups - self._last_used.get(key, 0) < self.working_set_lookups:
+                return False
+            self._discard(record, key[1])
+        return True
 
     def _release(self) -> None:
         """Release the lock, first dropping the records of weights that died meanwhile."""
@@ -348,6 +385,7 @@ class SpectrumCache:
         try:
             self._records = {}
             self._lru = OrderedDict()
+            self._last_used = {}
             self._nbytes = 0
         finally:
             self._release()
