@@ -12,6 +12,7 @@ from .fuse_chains import fuse_chains
 from .lower_convs import lower_convs
 from .merge_convs import merge_convs
 from .plan_convs import plan_convs
+from .time_chains import time_chains
 
 PIPELINE: list[RegisteredPass] = [
     RegisteredPass("plan_convs", plan_convs, analysis=True,
@@ -19,6 +20,9 @@ PIPELINE: list[RegisteredPass] = [
     RegisteredPass("find_chains", find_chains, analysis=True,
                    doc="find conv -> ... -> conv chains, place their transforms by min-cut, plan fusion",
                    requires=("plan_convs",)),
+    RegisteredPass("time_chains", time_chains, analysis=True,
+                   doc="time the chains whose fusion is a close call, fused and per-conv, and keep the faster",
+                   requires=("find_chains",)),
     # After find_chains: a fused chain's convs are lowered on the chain's grid (ctx.chain_plans).
     RegisteredPass("lower_convs", lower_convs, analysis=False,
                    doc="rewrite planned convs into to_spectrum -> spectral_mix -> from_spectrum",
@@ -32,4 +36,4 @@ PIPELINE: list[RegisteredPass] = [
                    requires=("lower_convs", "fuse_chains")),
 ]
 
-__all__ = ["PIPELINE", "plan_convs", "find_chains", "lower_convs", "fuse_chains", "merge_convs"]
+__all__ = ["PIPELINE", "plan_convs", "find_chains", "time_chains", "lower_convs", "fuse_chains", "merge_convs"]

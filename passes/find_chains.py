@@ -17,22 +17,30 @@ Per spatial rank of the lowered convs, the pass runs the steps of :mod:`specfx.c
    polynomial), the chains' activations fitted on the example inputs
    (:mod:`specfx.chains.fits`); the report states each fit's error;
 4. per chain, its grids, min-cut placement and exactness (:mod:`specfx.chains.placement`,
-   :mod:`specfx.chains.support`) and the decision (:mod:`specfx.chains.decide`).
+   :mod:`specfx.chains.support`) and the decision (:mod:`specfx.chains.decide`); a chain
+   whose fusion is estimated too close to call goes on ``ctx.close_chains``, for
+   ``time_chains`` to time.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from specfx import node_meta
 from specfx.canonical import conv_site
+from specfx.close_calls import CHAIN_BAND, is_close
+from specfx.cost_model import ChainCost
 from specfx.chains.decide import decide
 from specfx.chains.fits import fit_polys
 from specfx.chains.members import build_digraph, chain_members, chain_of, components
+from specfx.chains.plan import CloseChain
 from specfx.chains.recognize import OpKind
 from specfx.chains.writes import observed_writes
 from specfx.pipeline import PassContext
+from specfx.report import ChainDecision, Report
 
 
 def find_chains(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -56,13 +64,27 @@ def find_chains(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         fits, poly_note = fit_polys(gm, ctx.example_inputs, settings.poly_degree, acts, members, rank)
         for comp in comps:
             chain = chain_of(comp, members, ops, nodes, rank)
-            decision, plan = decide(gm, settings, report.frontend, chain, ops, nodes, fits, poly_note,
-                                    f"chain{count}", written)
+            decision, plan, other = decide(gm, settings, report.frontend, chain, ops, nodes, fits, poly_note,
+                                           f"chain{count}", written)
             count += 1
             report.chains.append(decision)
-            if plan is not None:
+            if decision.fused:
                 ctx.chain_plans.append(plan)
-                # The report's totals start at per-conv lowering; a fused chain changes its share.
-                for key in ("forward", "inverse"):
-                    report.transforms[key] += decision.transforms[key] - decision.transforms_per_conv[key]
+                count_fused_transforms(report, decision, +1)
+            if other is not None and is_close(fusion_speedup(decision.cost), CHAIN_BAND):
+                ctx.close_chains.append(CloseChain(len(report.chains) - 1, plan, decision, other,
+                                                   tuple(chain.comp)))
     return PassResult(gm, False)
+
+
+def fusion_speedup(cost: ChainCost) -> float:
+    """Per-conv lowering's estimated time over the fused chain's."""
+    fused_ms = cost.poly_ms if cost.poly_ms is not None else cost.fused_ms
+    return cost.per_conv_ms / fused_ms if fused_ms > 0 else math.inf
+
+
+def count_fused_transforms(report: Report, decision: ChainDecision, sign: int) -> None:
+    """Add (``sign`` +1) or take back (-1) a fused chain's share of the report's transform
+    totals, which start at per-conv lowering."""
+    for key in ("forward", "inverse"):
+        report.transforms[key] += sign * (decision.transforms[key] - decision.transforms_per_conv[key])

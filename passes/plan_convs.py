@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -20,7 +21,10 @@ from specfx.chains.plan import ConvPlan
 from specfx.cost_model import (SMALL_DENSE_KERNEL, SMALL_DENSE_MARGIN, ConvCost, ConvShape, estimate,
                                estimate_overlap_save)
 from specfx.geometry import SpectralGeometry, overlap_save_geometry, plan_geometry, resolve_padding
-from specfx.measure import Progress, measure_conv
+from specfx.close_calls import conv_band, is_close
+from specfx.functional import apply_geometry
+from specfx.measure import Progress, direct_conv
+from specfx.timing_cache import Timing
 from specfx.pipeline import PassContext, at_node
 from specfx.report import ConvDecision
 
@@ -38,17 +42,46 @@ def _describe(site: ConvSite, in_shape, w_shape, dtype) -> str:
     return f"{kind} {channels} k={kernel}{groups}, padding={site.padding!r} {site.padding_mode}, {shape}"
 
 
-def _measure(gm: fx.GraphModule, site: ConvSite, in_shape, dtype, w_shape, pads,
-             geometry: SpectralGeometry, cost: ConvCost) -> ConvCost:
-    """``cost`` with both paths timed on the conv's real shapes (and real weight where
-    the module holds it; a weight computed in the graph is timed as a random one)."""
-    weight = weight_value(gm, site)
-    if weight is None:
-        weight = torch.randn(w_shape, dtype=dtype)
-    bias = None if site.bias is None else torch.zeros(w_shape[0], dtype=weight.dtype)
-    direct_ms, fft_ms = measure_conv(tuple(in_shape), dtype, weight, bias, site.stride, pads,
-                                     site.dilation, site.groups, site.padding_mode, geometry)
-    return dataclasses.replace(cost, measured_direct_ms=direct_ms, measured_fft_ms=fft_ms)
+def _signature(site: ConvSite, in_shape, dtype, w_shape, pads, geometry: SpectralGeometry,
+               channels_last: bool) -> str:
+    """What the time of a conv depends on: the timing cache's key."""
+    blocks = geometry.overlap_save
+    return (f"conv{site.rank}d x={tuple(in_shape)} {dtype} w={tuple(w_shape)} stride={tuple(site.stride)} "
+            f"pad={tuple(pads)} dilation={tuple(site.dilation)} groups={site.groups} {site.padding_mode}"
+            f"{' channels_last' if channels_last else ''} bias={site.bias is not None} "
+            f"grid={geometry.fft_size}{f' block={blocks.block}' if blocks else ''}"
+            f"{' weight_per_call' if site.weight_per_call else ''}")
+
+
+def _time(gm: fx.GraphModule, site: ConvSite, ctx: PassContext, in_shape, dtype, w_shape, pads,
+          geometry: SpectralGeometry, channels_last: bool, unlimited: bool) -> Optional[tuple[Timing, str]]:
+    """The direct and lowered times of the conv on its real shapes (timed, or from the
+    timing cache), or ``None`` when the timing budget is spent. The weight is the module's
+    where it holds one (its spectrum, computed while timing, is then cached for the
+    optimized module), else a random one; the input is random (values do not change the
+    time), drawn from a generator of its own, not the global one."""
+    val = site.input.meta.get("val")
+    device = val.device if isinstance(val, torch.Tensor) and val.device.type != "meta" else torch.device("cpu")
+    real_weight = weight_value(gm, site)
+
+    def make():
+        generator = torch.Generator(device).manual_seed(0)
+        x = torch.randn(in_shape, dtype=dtype, device=device, generator=generator)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        real = real_weight is not None and real_weight.device == device and real_weight.dtype == dtype
+        weight = real_weight.detach() if real else \
+            torch.randn(w_shape, dtype=dtype, device=device, generator=generator)
+        bias = None if site.bias is None else torch.zeros(w_shape[0], dtype=dtype, device=device)
+        if site.weight_per_call:  # a new tensor every call: its spectrum is never cached
+            return (lambda: direct_conv(x, weight.clone(), bias, site.stride, pads, site.dilation, site.groups,
+                                        site.padding_mode),
+                    lambda: apply_geometry(x, weight.clone(), bias, geometry, site.groups))
+        return (lambda: direct_conv(x, weight, bias, site.stride, pads, site.dilation, site.groups, site.padding_mode),
+                lambda: apply_geometry(x, weight, bias, geometry, site.groups))
+
+    key = _signature(site, in_shape, dtype, w_shape, pads, geometry, channels_last)
+    return ctx.measurements.timing(key, site.name, device, make, unlimited=unlimited)
 
 
 def _blocking_fft_sizes(span: int, full: int) -> list[int]:
@@ -60,7 +93,8 @@ def _blocking_fft_sizes(span: int, full: int) -> list[int]:
 
 
 def _cheapest_blocking(shape: ConvShape, length: int, padding: tuple[int, int], dilation: int,
-                       geometry: SpectralGeometry, cost: ConvCost, profile) -> tuple[SpectralGeometry, ConvCost]:
+                       geometry: SpectralGeometry, cost: ConvCost, profile,
+                       weight_per_call: bool) -> tuple[SpectralGeometry, ConvCost]:
     """The unblocked plan, or overlap-save blocks where the cost model estimates them
     cheaper (long 1D convs with wide kernels: the weight spectrum shrinks with the FFT
     size, and the blocks fill the per-frequency products' M dimension)."""
@@ -70,7 +104,7 @@ def _cheapest_blocking(shape: ConvShape, length: int, padding: tuple[int, int], 
         blocked = overlap_save_geometry(length, shape.kernel_size[0], padding, dilation, fft_size)
         if blocked is None:
             continue
-        blocked_cost = estimate_overlap_save(shape, blocked, profile)
+        blocked_cost = estimate_overlap_save(shape, blocked, profile, weight_per_call)
         if blocked_cost.fft_ms < best[1].fft_ms:
             best = (blocked, blocked_cost)
     return best
@@ -117,31 +151,45 @@ def _plan(gm: fx.GraphModule, site: ConvSite, ctx: PassContext) -> tuple[ConvDec
     shape = ConvShape(batch=batch, in_channels=in_shape[-site.rank - 1], out_channels=w_shape[0],
                       groups=site.groups, kernel_size=tuple(kernel), out_size=geometry.out_size,
                       element_bytes=dtype.itemsize, channels_last=channels_last)
-    cost = estimate(shape, geometry, ctx.settings.profile)
+    cost = estimate(shape, geometry, ctx.settings.profile, site.weight_per_call)
     if site.rank == 1 and site.padding_mode == "zeros" and site.stride == [1] and geometry.selection is None:
         geometry, cost = _cheapest_blocking(shape, in_shape[-1], pads[0], site.dilation[0], geometry, cost,
-                                            ctx.settings.profile)
+                                            ctx.settings.profile, site.weight_per_call)
     policy = ctx.settings.policy
     if policy == "never":
         return keep("policy='never'", cost)
+    timed_shape = (batch, *in_shape[-site.rank - 1:])
     if policy == "measure":
-        timed_shape = (batch, *in_shape[-site.rank - 1:])
-        cost = _measure(gm, site, timed_shape, dtype, w_shape, pads, geometry, cost)
-        direct_ms, fft_ms = cost.measured_direct_ms, cost.measured_fft_ms
-        if fft_ms >= direct_ms:
-            return keep(f"direct conv measured faster ({direct_ms:.3g} ms vs {fft_ms:.3g} ms)", cost)
-        reason = f"FFT measured {direct_ms / fft_ms:.1f}x faster ({fft_ms:.3g} ms vs {direct_ms:.3g} ms)"
+        timing, source = _time(gm, site, ctx, timed_shape, dtype, w_shape, pads, geometry, channels_last, True)
+        cost = dataclasses.replace(cost, measured_direct_ms=timing.baseline_ms, measured_fft_ms=timing.candidate_ms)
+        if timing.speedup <= 1:
+            return keep(f"direct conv measured faster ({_times(timing, source)})", cost)
+        reason = f"FFT measured {timing.speedup:.1f}x faster ({_times(timing, source)})"
     elif policy == "auto":
         if geometry.skips_phases:
             return keep("the kernel is shorter than its stride (after their common factor with the dilation): "
                         "the conv never reads whole phases of its input, which its transform would carry as "
                         "zeros; a direct conv computes it with fewer operations than the transform alone", cost)
-        if not shape.depthwise and max(kernel) <= SMALL_DENSE_KERNEL and cost.speedup < SMALL_DENSE_MARGIN:
-            return keep(f"dense kernel ≤ {SMALL_DENSE_KERNEL}: direct conv libraries are faster there "
-                        f"(the FFT would need to be estimated ≥ {SMALL_DENSE_MARGIN:g}x faster)", cost)
-        if cost.fft_ms >= cost.direct_ms:
-            return keep(f"direct conv estimated faster ({cost.fft_ms / cost.direct_ms:.2f}x the FFT's time)", cost)
-        reason = f"FFT estimated {cost.speedup:.1f}x faster"
+        close = is_close(cost.speedup, conv_band(shape))
+        timed = _time(gm, site, ctx, timed_shape, dtype, w_shape, pads, geometry, channels_last, False) \
+            if close else None
+        if timed is not None:
+            timing, source = timed
+            cost = dataclasses.replace(cost, measured_direct_ms=timing.baseline_ms,
+                                       measured_fft_ms=timing.candidate_ms)
+            estimate_note = f"estimated {cost.speedup:.2g}x, a close call"
+            if timing.speedup <= 1:
+                return keep(f"direct conv measured faster ({_times(timing, source)}; {estimate_note})", cost)
+            reason = f"FFT measured {timing.speedup:.1f}x faster ({_times(timing, source)}; {estimate_note})"
+        else:
+            untimed = "; a close call left to the estimate (timing budget spent)" if close else ""
+            if not shape.depthwise and max(kernel) <= SMALL_DENSE_KERNEL and cost.speedup < SMALL_DENSE_MARGIN:
+                return keep(f"dense kernel ≤ {SMALL_DENSE_KERNEL}: direct conv libraries are faster there "
+                            f"(the FFT would need to be estimated ≥ {SMALL_DENSE_MARGIN:g}x faster){untimed}", cost)
+            if cost.fft_ms >= cost.direct_ms:
+                return keep(f"direct conv estimated faster ({cost.fft_ms / cost.direct_ms:.2f}x the FFT's time)"
+                            f"{untimed}", cost)
+            reason = f"FFT estimated {cost.speedup:.1f}x faster{untimed}"
     else:
         reason = "policy='always'"
     decision = ConvDecision(site.name, site.node.name, description, True, reason, cost)
@@ -149,16 +197,19 @@ def _plan(gm: fx.GraphModule, site: ConvSite, ctx: PassContext) -> tuple[ConvDec
     return decision, ConvPlan(site.name, True, geometry, out_info[1] if out_info is not None else dtype)
 
 
+def _times(timing: Timing, source: str) -> str:
+    return f"{timing.candidate_ms:.3g} ms lowered vs {timing.baseline_ms:.3g} ms direct, {source}"
+
+
 def plan_convs(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     sites = find_conv_sites(gm)
-    progress = Progress(len(sites), "specfx: timing convs") if ctx.settings.policy == "measure" else None
+    # Shown only once planning takes over a second, which only timing makes it take.
+    progress = Progress(len(sites), "specfx: timing close calls")
     for done, site in enumerate(sites, 1):
         with at_node(site.node):
             decision, plan = _plan(gm, site, ctx)
         site.node.meta[node_meta.PLAN] = plan
         ctx.report.decisions.append(decision)
-        if progress is not None:
-            progress.update(done, site.name)
-    if progress is not None:
-        progress.close()
+        progress.update(done, site.name)
+    progress.close()
     return PassResult(gm, False)

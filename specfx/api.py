@@ -112,7 +112,7 @@ def _snapshot(gm: fx.GraphModule) -> fx.GraphModule:
 def optimize(model: nn.Module, example_inputs: ExampleInputs, *, policy: str = "auto",
              verify: bool = True, verify_tol: Optional[float] = None, frontend: str = "auto",
              profile: Optional[CostProfile] = None, spectral_activation: str = "exact",
-             chains: bool = True, poly_degree: int = 2) -> fx.GraphModule:
+             chains: bool = True, poly_degree: int = 2, measure_budget_s: Optional[float] = None) -> fx.GraphModule:
     """Rewrite the convolutions of ``model`` that are cheaper as FFT convolutions.
 
     Args:
@@ -121,9 +121,11 @@ def optimize(model: nn.Module, example_inputs: ExampleInputs, *, policy: str = "
             by these: a lowered conv raises ``ValueError`` if called with another spatial
             size. The batch size may change (through the ``export`` front end only when
             the example's batch size is > 1: export fixes size-1 dimensions).
-        policy: ``"auto"`` (the cost model decides per conv), ``"measure"`` (time both
-            paths of each conv on its real shapes, and keep the faster), ``"always"``
-            (lower every conv that can be lowered) or ``"never"`` (rewrite nothing).
+        policy: ``"auto"`` (the cost model decides per conv and per chain, and where its
+            estimate is a close call both ways are timed on the real shapes: see
+            ``measure_budget_s``), ``"measure"`` (time both paths of every conv, and keep
+            the faster), ``"always"`` (lower every conv that can be lowered) or
+            ``"never"`` (rewrite nothing).
         verify: run ``model`` itself and the optimized module on copies of
             ``example_inputs`` and raise :class:`specfx.VerificationError`, naming the first
             diverging node, if they differ beyond tolerance and the optimized module is
@@ -144,8 +146,12 @@ def optimize(model: nn.Module, example_inputs: ExampleInputs, *, policy: str = "
             and the optimized module is then not verified against ``verify_tol``).
         chains: fuse conv -> ... -> conv chains (``False``: lower each conv on its own).
         poly_degree: the degree of fitted poly activations.
+        measure_budget_s: seconds ``policy="auto"`` may spend timing close calls
+            (:mod:`specfx.close_calls`); timings are cached on disk per machine
+            (:mod:`specfx.timing_cache`), so optimizing the same model again times nothing.
+            Default ``$SPECFX_MEASURE_BUDGET_S``, else 2 s; ``0`` decides by estimates alone.
 
-    ``policy``, ``profile``, ``spectral_activation``, ``chains`` and ``poly_degree`` are the
+    ``policy``, ``profile``, ``spectral_activation``, ``chains``, ``poly_degree`` and ``measure_budget_s`` are the
     fields of :class:`specfx.pipeline.Settings` (shared with the ``torch.compile`` backend's
     options and the ``specfx`` command's flags), checked before any work is done.
 
@@ -157,7 +163,8 @@ def optimize(model: nn.Module, example_inputs: ExampleInputs, *, policy: str = "
 
     # Resolved (and so checked) from the caller's inputs, before _prepare copies and runs anything.
     settings = resolve_settings(dict(policy=policy, profile=profile, spectral_activation=spectral_activation,
-                                     chains=chains, poly_degree=poly_degree), _as_tuple(example_inputs))
+                                     chains=chains, poly_degree=poly_degree, measure_budget_s=measure_budget_s),
+                                _as_tuple(example_inputs))
     check_tolerance(verify_tol)
     work, inputs = _prepare(model, example_inputs, frontend)
     notes: list[str] = []
@@ -181,13 +188,15 @@ def optimize(model: nn.Module, example_inputs: ExampleInputs, *, policy: str = "
 
 def explain(model: nn.Module, example_inputs: ExampleInputs, *, policy: str = "auto",
             frontend: str = "auto", profile: Optional[CostProfile] = None,
-            spectral_activation: str = "exact", chains: bool = True, poly_degree: int = 2) -> Report:
+            spectral_activation: str = "exact", chains: bool = True, poly_degree: int = 2,
+            measure_budget_s: Optional[float] = None) -> Report:
     """The report :func:`optimize` would produce, without rewriting anything; the
     arguments are :func:`optimize`'s."""
     from specfx.passes import PIPELINE
 
     settings = resolve_settings(dict(policy=policy, profile=profile, spectral_activation=spectral_activation,
-                                     chains=chains, poly_degree=poly_degree), _as_tuple(example_inputs))
+                                     chains=chains, poly_degree=poly_degree, measure_budget_s=measure_budget_s),
+                                _as_tuple(example_inputs))
     work, inputs = _prepare(model, example_inputs, frontend)
     notes: list[str] = []
     gm, frontend_used = capture(work, inputs, frontend, notes)

@@ -23,9 +23,11 @@ from .measure import median_seconds, settle_allocator
 
 
 def _conv_gflops(x: torch.Tensor, w: torch.Tensor, groups: int) -> float:
+    """The rate of a stride-1 'same' conv (2D or 3D, from the weight's rank)."""
     k = w.shape[-1]
-    seconds = median_seconds(lambda: F.conv2d(x, w, padding=k // 2, groups=groups))
-    flop = 2.0 * x.shape[0] * w.shape[0] * w.shape[1] * k * k * x.shape[-2] * x.shape[-1]
+    conv = F.conv3d if w.dim() == 5 else F.conv2d
+    seconds = median_seconds(lambda: conv(x, w, padding=k // 2, groups=groups))
+    flop = 2.0 * x.shape[0] * w.shape[0] * w[0].numel() * x[0, 0].numel()
     return flop / seconds / 1e9
 
 
@@ -57,6 +59,10 @@ def measure_profile() -> CostProfile:
         dw_rates = {k: _conv_gflops(dw_input, torch.randn(64, 1, k, k), 64) for k in range(3, 18, 2)}
         fast_max_kernel, fast, slow = _depthwise_cliff(dw_rates)
         depthwise_cl = _conv_gflops(dw_input.to(memory_format=torch.channels_last), torch.randn(64, 1, 15, 15), 64)
+        # 3D: a UNet-style dense conv and MedNeXt's depthwise block.
+        volume = torch.randn(1, 16, 32, 32, 32)
+        dense_3d = _conv_gflops(volume, torch.randn(16, 16, 5, 5, 5), 1)
+        depthwise_3d = _conv_gflops(volume, torch.randn(16, 1, 7, 7, 7), 16)
 
         # Maps zero-padded to the grid, as lowered convs transform them.
         grid = torch.randn(128, 48, 48)
@@ -85,7 +91,8 @@ def measure_profile() -> CostProfile:
         fresh_page = max(0.0, fresh_s - median_seconds(lambda: reused.fill_(0))) * 1e3 / mib
     return CostProfile(dense_direct_gflops=dense, direct_channel_block=channel_block, depthwise_fast_gflops=fast,
                        depthwise_fast_max_kernel=fast_max_kernel, depthwise_slow_gflops=slow,
-                       depthwise_channels_last_gflops=depthwise_cl, fft_gflops=fft, inverse_fft_gflops=inverse_fft,
+                       depthwise_channels_last_gflops=depthwise_cl, dense_direct_3d_gflops=dense_3d,
+                       depthwise_3d_gflops=depthwise_3d, fft_gflops=fft, inverse_fft_gflops=inverse_fft,
                        complex_gemm_gflops=gemm, memory_gbps=bandwidth, per_op_overhead_ms=overhead_ms,
                        conv_overhead_ms=conv_overhead_ms,
                        fresh_page_ms_per_mib=fresh_page)

@@ -72,6 +72,15 @@ class ConvSite:
     parametrized_weight: bool = False
     not_lowerable: Optional[str] = None  # why this conv can't be lowered at all
 
+    @property
+    def weight_per_call(self) -> bool:
+        """Whether the weight is a new tensor on every call (computed in the graph, e.g. by
+        an exported weight norm, or through a parametrization): its spectrum is then
+        computed on every call, where a parameter's is cached."""
+        if self.parametrized_weight:
+            return True
+        return isinstance(self.weight, fx.Node) and self.weight.op not in ("get_attr", "placeholder")
+
 
 def _padding_arg(padding: Any, rank: int) -> PaddingArg:
     return padding if isinstance(padding, str) else expand(padding, rank)

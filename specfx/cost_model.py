@@ -99,9 +99,13 @@ def _transform_flop(size: tuple[int, ...]) -> float:
 
 
 def _direct_rate(shape: ConvShape, profile: CostProfile) -> float:
+    volumetric = len(shape.kernel_size) == 3
     if not shape.depthwise:
         out_per_group = shape.out_channels // shape.groups
-        return profile.dense_direct_gflops * min(1.0, out_per_group / profile.direct_channel_block)
+        peak = profile.dense_direct_3d_gflops if volumetric else profile.dense_direct_gflops
+        return peak * min(1.0, out_per_group / profile.direct_channel_block)
+    if volumetric:
+        return profile.depthwise_3d_gflops
     if shape.channels_last:
         return profile.depthwise_channels_last_gflops
     if max(shape.kernel_size) <= profile.depthwise_fast_max_kernel:
@@ -131,9 +135,19 @@ def _mix_ms(shape: ConvShape, bins: int, profile: CostProfile) -> tuple[float, f
     return flop, max(compute_ms, weight_ms) + transpose_ms
 
 
-def estimate(shape: ConvShape, geometry: SpectralGeometry, profile: CostProfile = DEFAULT_PROFILE) -> ConvCost:
-    """FLOPs and estimated milliseconds of the direct conv and of its FFT lowering
-    (weight spectra excluded: they are cached across calls)."""
+def weight_spectrum_ms(shape: ConvShape, fft_size: tuple[int, ...], profile: CostProfile = DEFAULT_PROFILE) -> float:
+    """Computing a conv's weight spectrum: every kernel placed on the grid and transformed."""
+    rows = shape.out_channels * (shape.in_channels // shape.groups)
+    eb = max(shape.element_bytes, 4)
+    return (rows * _transform_flop(fft_size) / profile.fft_gflops / 1e6
+            + rows * (math.prod(fft_size) + _grid_bins(fft_size) * 2) * eb / profile.memory_gbps / 1e6)
+
+
+def estimate(shape: ConvShape, geometry: SpectralGeometry, profile: CostProfile = DEFAULT_PROFILE,
+             weight_per_call: bool = False) -> ConvCost:
+    """FLOPs and estimated milliseconds of the direct conv and of its FFT lowering. The
+    weight spectrum is cached across calls, unless the weight is a new tensor on every
+    call (``weight_per_call``: computed in the graph), when it is computed every call."""
     b, cin, cout, g = shape.batch, shape.in_channels, shape.out_channels, shape.groups
     out_points = math.prod(shape.out_size)
     direct_flop = 2.0 * b * cout * (cin // g) * shape.kernel_volume * out_points
@@ -156,6 +170,8 @@ def estimate(shape: ConvShape, geometry: SpectralGeometry, profile: CostProfile 
     # channels at a time there (ops.spectral_ops.WHOLE_SPECTRUM_BYTES).
     fresh_ms = sum(fresh_pages_ms(t, profile) for t in (b * cin * bins * 2 * eb, b * cout * out_points * eb))
     fft_ms = transform_ms + mix_ms + copy_bytes / profile.memory_gbps / 1e6 + fresh_ms + profile.conv_overhead_ms
+    if weight_per_call:
+        fft_ms += weight_spectrum_ms(shape, geometry.fft_size, profile)
     return ConvCost(direct_gflop=direct_flop / 1e9, fft_gflop=(transform_flop + mix_flop) / 1e9,
                     direct_ms=direct_ms, fft_ms=fft_ms, fft_size=geometry.fft_size)
 
@@ -185,13 +201,13 @@ def estimate(shape: ConvShape, geometry: SpectralGeometry, profile: CostProfile 
 # per tensor crossing domains; the min-cut in find_chains minimizes exactly that sum.
 
 def estimate_overlap_save(shape: ConvShape, geometry: SpectralGeometry,
-                          profile: CostProfile = DEFAULT_PROFILE) -> ConvCost:
+                          profile: CostProfile = DEFAULT_PROFILE, weight_per_call: bool = False) -> ConvCost:
     """:func:`estimate` for a conv in overlap-save blocks (``geometry.overlap_save``): the
     FFT path of ``count`` times the batch on one block each, plus the copies that cut the
     input into windows and lay the blocks' outputs end to end."""
     blocks = geometry.overlap_save
     per_block = dataclasses.replace(shape, batch=shape.batch * blocks.count, out_size=(blocks.block,))
-    cost = estimate(per_block, geometry, profile)
+    cost = estimate(per_block, geometry, profile, weight_per_call)
     eb = max(shape.element_bytes, 4)
     copy_bytes = 2 * shape.batch * blocks.count * (shape.in_channels * blocks.window + shape.out_channels * blocks.block)
     fft_ms = cost.fft_ms + copy_bytes * eb / profile.memory_gbps / 1e6 + 2 * profile.per_op_overhead_ms

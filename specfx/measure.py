@@ -1,7 +1,8 @@
-"""``policy="measure"``: time the direct and the FFT path of each conv on its real shapes."""
+"""Timing at optimize time: two ways to run an op, side by side, and a progress bar."""
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 import time
@@ -9,9 +10,6 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-
-from .functional import apply_geometry
-from .geometry import SpectralGeometry
 
 PaddingPairs = list[tuple[int, int]]
 
@@ -44,14 +42,9 @@ def direct_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return conv(F.pad(x, flat), weight, bias, stride, 0, dilation, groups)
 
 
-def median_seconds(fn: Callable[[], object], repeats: int = 7, budget_s: Optional[float] = None) -> float:
-    """Median of ``repeats`` timed calls after a warm-up call; with ``budget_s``, fewer
-    (at least one) where the warm-up shows that many would take longer."""
-    start = time.perf_counter()
+def median_seconds(fn: Callable[[], object], repeats: int = 7) -> float:
+    """Median of ``repeats`` timed calls after a warm-up call (calibration's rates)."""
     fn()
-    first = time.perf_counter() - start
-    if budget_s is not None:
-        repeats = max(1, min(repeats, int(budget_s / max(first, 1e-6))))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -60,21 +53,57 @@ def median_seconds(fn: Callable[[], object], repeats: int = 7, budget_s: Optiona
     return statistics.median(times)
 
 
-def measure_conv(input_shape: tuple[int, ...], dtype: torch.dtype, weight: torch.Tensor,
-                 bias: Optional[torch.Tensor], stride: list[int], padding: PaddingPairs,
-                 dilation: list[int], groups: int, padding_mode: str, geometry: SpectralGeometry,
-                 budget_s: float = 0.5) -> tuple[float, float]:
-    """Median milliseconds of the direct conv and of its FFT lowering, on a random input of
-    the conv's real shape with its real weight (weight spectrum cached, as in inference)."""
+# Side-by-side timing, as the benchmarks do it (benchmarks/timing.py) but sized for
+# optimize time: blocks of back-to-back calls of about BLOCK_MS, alternating between the
+# two ways in an order that rotates each round, medians over the rounds. A difference of
+# CLEAR_RATIO after the warm-up calls needs no rounds; rounds stop after MIN_ROUNDS once
+# the medians differ by SETTLED_RATIO, else at MAX_ROUNDS or when the budget is spent.
+BLOCK_MS = 4.0
+MIN_ROUNDS, MAX_ROUNDS = 3, 7
+CLEAR_RATIO, SETTLED_RATIO = 3.0, 1.3
+# A first call shorter than this may be mostly one-time set-up (oneDNN builds a conv's
+# primitive on its first call: ~1 ms), so it is called again before it is compared.
+SETUP_DOMINATED_MS = 20.0
+
+
+def compare(baseline: Callable[[], object], candidate: Callable[[], object], budget_s: float,
+            sync: Optional[Callable[[], None]] = None) -> tuple[float, float]:
+    """Median milliseconds of ``baseline`` and ``candidate``, timed side by side in the
+    allocator state of a running model (:func:`settle_allocator`), without autograd.
+    ``candidate`` is called first: its first call may fill caches (a weight spectrum) that
+    every later call reuses. ``sync`` (a device synchronization) ends every timed block.
+    Spends about ``budget_s`` at most beyond the warm-up calls."""
     settle_allocator()
-    x = torch.randn(input_shape, dtype=dtype, device=weight.device)
-    w = weight.detach()
-    b = None if bias is None else bias.detach()
+    deadline = time.perf_counter() + budget_s
+
+    def timed(fn: Callable[[], object], calls: int = 1) -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if sync is not None:
+            sync()
+        return (time.perf_counter() - start) * 1e3 / calls
+
     with torch.no_grad():
-        direct = median_seconds(lambda: direct_conv(x, w, b, stride, padding, dilation, groups, padding_mode),
-                                budget_s=budget_s)
-        fft = median_seconds(lambda: apply_geometry(x, w, b, geometry, groups), budget_s=budget_s)
-    return direct * 1e3, fft * 1e3
+        timed(candidate)
+        candidate_ms = timed(candidate)
+        baseline_ms = timed(baseline)
+        if baseline_ms < SETUP_DOMINATED_MS:
+            baseline_ms = timed(baseline)
+        if max(baseline_ms, candidate_ms) >= CLEAR_RATIO * min(baseline_ms, candidate_ms):
+            return baseline_ms, candidate_ms
+        fns = {"baseline": baseline, "candidate": candidate}
+        calls = {"baseline": max(1, math.ceil(BLOCK_MS / max(baseline_ms, 1e-3))),
+                 "candidate": max(1, math.ceil(BLOCK_MS / max(candidate_ms, 1e-3)))}
+        times: dict[str, list[float]] = {"baseline": [], "candidate": []}
+        for round_ in range(MAX_ROUNDS):
+            for name in (("baseline", "candidate") if round_ % 2 == 0 else ("candidate", "baseline")):
+                times[name].append(timed(fns[name], calls[name]))
+            b, c = statistics.median(times["baseline"]), statistics.median(times["candidate"])
+            settled = round_ + 1 >= MIN_ROUNDS and max(b, c) >= SETTLED_RATIO * min(b, c)
+            if settled or time.perf_counter() > deadline:
+                break
+    return b, c
 
 
 class Progress:

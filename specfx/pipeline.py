@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
+import os
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from .close_calls import DEFAULT_BUDGET_S, Measurements
 from .cost_model import CostProfile
 from .errors import PassError, SpecfxError
 from .report import PassRecord, Report
@@ -44,9 +47,14 @@ class Settings:
     resolve_settings` instead picks the profile for the example inputs' device.
     """
 
-    policy: str = _option("auto", "which convs to lower: the cost model decides ('auto'), timing both "
-                                  "paths decides ('measure'), every conv that can be ('always'), none ('never')",
+    policy: str = _option("auto", "which convs to lower: the cost model decides, timing the close calls "
+                                  "('auto'), timing both paths of every conv decides ('measure'), every conv "
+                                  "that can be ('always'), none ('never')",
                           choices=POLICIES)
+    measure_budget_s: Optional[float] = _option(
+        None, "seconds policy='auto' may spend per optimize timing close calls, cached on disk per machine "
+              f"(default: $SPECFX_MEASURE_BUDGET_S, else {DEFAULT_BUDGET_S:g}; 0 decides by the estimates alone)",
+        metavar="SECONDS", parse=float)
     profile: Optional[CostProfile] = _option(
         None, "the cost model's rates, as written by python -m specfx.calibrate (default: the profile "
               "for the inputs' device)", metavar="PATH", parse=CostProfile.load)
@@ -71,19 +79,36 @@ class Settings:
             raise ValueError(f"poly_degree must be an int >= 1, got {self.poly_degree!r}")
         if self.profile is None:
             object.__setattr__(self, "profile", CostProfile.load())
+        if self.measure_budget_s is None:
+            text = os.environ.get("SPECFX_MEASURE_BUDGET_S", "").strip()
+            try:
+                object.__setattr__(self, "measure_budget_s", float(text) if text else DEFAULT_BUDGET_S)
+            except ValueError:
+                raise ValueError(f"SPECFX_MEASURE_BUDGET_S must be a number of seconds >= 0, got {text!r}") from None
+        budget = self.measure_budget_s
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget < math.inf:
+            raise ValueError(f"measure_budget_s must be a number of seconds >= 0, got {budget!r}")
 
 
 @dataclasses.dataclass
 class PassContext:
     """What every pass sees besides the graph: the settings, the report it adds to, the
     example inputs when the caller has real ones (fitting poly activations needs them),
-    and the plans one pass hands to a later one (``chain_plans``: find_chains →
-    fuse_chains)."""
+    the plans one pass hands to a later one (``chain_plans``: find_chains →
+    fuse_chains), and the timing of close calls shared by the passes that decide."""
 
     settings: Settings
     report: Report
     example_inputs: Optional[tuple] = None
     chain_plans: list = dataclasses.field(default_factory=list)
+    # Chains whose fusion is a close call (find_chains → time_chains).
+    close_chains: list = dataclasses.field(default_factory=list)
+    # The close calls timed during this run, within the settings' budget (specfx.close_calls).
+    measurements: Optional[Measurements] = None
+
+    def __post_init__(self) -> None:
+        if self.measurements is None:
+            self.measurements = Measurements(self.settings.measure_budget_s)
 
 
 Pass = Callable[[fx.GraphModule, PassContext], PassResult]
@@ -175,6 +200,7 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, passes: Sequence[Register
         if result.modified:
             cleanup(gm)
         ctx.report.passes.append(PassRecord(registered.name, bool(result.modified), gm.code))
+    ctx.report.timing_notes = ctx.measurements.notes()
     return gm
 
 

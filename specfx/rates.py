@@ -18,6 +18,15 @@ import os
 from pathlib import Path
 from typing import Union
 
+# 3D direct rates, in the scale of the 2D defaults below (one 2-core x86 CPU): MedNeXt's
+# depthwise 7x7x7 conv on (1, 16, 32, 32, 32) ran at 118 GF/s there. On a second 2-core
+# x86 CPU, timed side by side, a dense 16->16 5x5x5 conv ran at the rate of a dense 2D 5x5
+# conv (1.0x) and the depthwise 7x7x7 at 1.85x the 2D depthwise 7x7 rate; a dense 3x3x3
+# conv fell to 6 GF/s there (a slow path): close calls are timed (specfx.close_calls).
+DENSE_3D_GFLOPS = 160.0
+DEPTHWISE_3D_GFLOPS = 120.0
+
+
 @dataclasses.dataclass(frozen=True)
 class CostProfile:
     """Sustained rates of the kernels each path runs on, in GFLOP/s or GB/s.
@@ -27,7 +36,11 @@ class CostProfile:
     inputs keep a fast kernel at every size. Dense direct kernels compute
     ``direct_channel_block`` output channels at a time (two AVX2 registers of 8 floats in
     oneDNN), so a group with fewer output channels leaves part of each block idle: 8→8
-    convs ran at 62–72 GF/s here against 140–180 for 16 or more output channels.
+    convs ran at 62–72 GF/s here against 140–180 for 16 or more output channels. 3D direct
+    convs have rates of their own (``dense_direct_3d_gflops``, ``depthwise_3d_gflops``):
+    oneDNN's 3D depthwise kernel has no cliff in the sizes networks use and ran MedNeXt's
+    7x7x7 four times faster than the 2D fast rate here. Which convs those rates decide
+    alone, and which are timed, is :mod:`specfx.close_calls`' business.
     ``fresh_page_ms_per_mib`` is the cost of first touching newly mapped memory (see
     :func:`fresh_pages_ms`). ``per_op_overhead_ms`` is the fixed cost of one spectral op
     call (a chain's ops), ``conv_overhead_ms`` that of one lowered conv outside a chain
@@ -41,6 +54,8 @@ class CostProfile:
     depthwise_fast_max_kernel: int = 9
     depthwise_slow_gflops: float = 4.7
     depthwise_channels_last_gflops: float = 60.0
+    dense_direct_3d_gflops: float = DENSE_3D_GFLOPS
+    depthwise_3d_gflops: float = DEPTHWISE_3D_GFLOPS
     fft_gflops: float = 27.0
     inverse_fft_gflops: float = 20.0
     complex_gemm_gflops: float = 64.0

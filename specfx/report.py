@@ -96,6 +96,9 @@ class Report:
     decisions: list[ConvDecision] = dataclasses.field(default_factory=list)
     passes: list[PassRecord] = dataclasses.field(default_factory=list)
     capture_notes: list[str] = dataclasses.field(default_factory=list)
+    # The close calls timed, found in the timing cache, or left to the estimate
+    # (specfx.close_calls), and where the timings are kept.
+    timing_notes: list[str] = dataclasses.field(default_factory=list)
     # The graph code before the first pass, so the first pass's effect can be diffed.
     captured_code: Optional[str] = None
     verified_error: Optional[float] = None
@@ -129,6 +132,7 @@ class Report:
         lines = [f"specfx report (front end: {self.frontend}, policy: {self.policy!r})",
                  f"  {len(self.lowered)} of {len(self.decisions)} convolutions {verb}"]
         lines += [f"  note: {note}" for note in self.capture_notes]
+        lines += [f"  timing: {note}" for note in self.timing_notes]
         for d in self.decisions:
             mark = "FFT   " if d.lowered else "direct"
             lines.append(f"  [{mark}] {d.name}: {d.description}")

@@ -13,9 +13,17 @@ spectral ops compute in fp32, so they differ from it by the final rounding only.
 from __future__ import annotations
 
 import os
+import tempfile
 
 import torch
 from hypothesis import settings
+
+# policy="auto" times close calls (specfx.close_calls) and keeps the timings on disk. The
+# suite decides by the estimates alone, so that a test's decisions do not depend on the
+# machine's load, and never reads or writes the user's timing cache; the tests of timing
+# (tests/test_close_calls.py) set their own budget, timings and cache directory.
+os.environ.setdefault("SPECFX_MEASURE_BUDGET_S", "0")
+os.environ["SPECFX_CACHE_DIR"] = tempfile.mkdtemp(prefix="specfx-test-cache-")
 
 # CI (which sets CI=true) draws the same examples every run, so a submission passes or
 # fails on its own merits; local runs keep exploring new ones.

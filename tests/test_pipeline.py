@@ -41,7 +41,7 @@ def _noop(gm, ctx):
 
 def test_pipeline_declares_what_each_pass_reads():
     requires = {p.name: p.requires for p in PIPELINE}
-    assert requires == {"plan_convs": (), "find_chains": ("plan_convs",),
+    assert requires == {"plan_convs": (), "find_chains": ("plan_convs",), "time_chains": ("find_chains",),
                         "lower_convs": ("plan_convs", "find_chains"),
                         "fuse_chains": ("find_chains", "lower_convs"),
                         "merge_convs": ("lower_convs", "fuse_chains")}
@@ -49,7 +49,7 @@ def test_pipeline_declares_what_each_pass_reads():
 
 
 def test_a_pass_before_what_it_requires_is_refused_naming_both():
-    swapped = [PIPELINE[0], PIPELINE[2], PIPELINE[1], *PIPELINE[3:]]
+    swapped = [PIPELINE[0], PIPELINE[3], PIPELINE[1], PIPELINE[2], *PIPELINE[4:]]
     gm, x = _traced()
     code = gm.code
     with pytest.raises(PassError, match=r"pass 'lower_convs' requires 'find_chains', which must run before it "
@@ -68,7 +68,7 @@ def test_analysis_only_checks_only_the_passes_it_runs():
     gm, x = _traced()
     ctx = _context(x)
     run_pipeline(gm, ctx, PIPELINE, analysis_only=True)
-    assert [record.name for record in ctx.report.passes] == ["plan_convs", "find_chains"]
+    assert [record.name for record in ctx.report.passes] == ["plan_convs", "find_chains", "time_chains"]
 
 
 def test_an_exception_in_a_pass_names_the_pass_and_keeps_the_original():

@@ -77,7 +77,7 @@ def test_optimize_explain_and_backend_resolve_the_same_way(monkeypatch):
     specfx.explain(conv, (x,), policy="never", chains=False)
     specfx.optimize(conv, (x,), policy="never", poly_degree=3)
     assert seen[0] == {"policy": "never", "profile": None, "spectral_activation": "exact", "chains": False,
-                       "poly_degree": 2}
+                       "poly_degree": 2, "measure_budget_s": None}
     assert seen[1]["poly_degree"] == 3
 
     gm = torch.fx.symbolic_trace(conv)

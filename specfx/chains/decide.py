@@ -5,7 +5,8 @@ one of :func:`.placement.grids`), whether it is fused, and what the report says 
 ``policy="always"`` fuses every chain, every op that can be spectral made spectral.
 ``"auto"`` (and ``"measure"``, which times single convs, not chains) fuses a chain where
 its min-cut cost beats lowering each conv on its own grid with the ops between them
-spatial. The activation mode: ``spectral_activation="exact"`` uses exact spectral
+spatial; where the two estimates are too close to call, ``time_chains`` times both and
+may overturn that (hence the decision either way). The activation mode: ``spectral_activation="exact"`` uses exact spectral
 activations only; ``"poly"`` makes every activation with a fit (:mod:`.fits`) poly under
 ``"always"``, and under ``"auto"`` offers poly to the min-cut per activation next to exact,
 so it is used only where estimated cheaper.
@@ -55,11 +56,14 @@ def _describe_ops(chain: Chain, ops: dict[str, ChainOp], labels: Optional[dict[s
 
 def decide(gm: fx.GraphModule, settings: Settings, frontend: str, chain: Chain, ops: dict[str, ChainOp],
            nodes: dict[str, fx.Node], fits: dict[str, PolyPlan], poly_note: str, name: str,
-           written: set[str]) -> tuple[ChainDecision, Optional[ChainPlan]]:
-    """The decision for the chain ``name``, and its plan if it is fused. ``fits``: the poly
-    activations on offer (:func:`.fits.fit_polys`), ``poly_note`` why some are missing;
-    ``written``: :func:`.writes.observed_writes`; ``frontend``: the report's (a Dynamo
-    graph's fused chain makes its constants in the graph, on the chain's device)."""
+           written: set[str]) -> tuple[ChainDecision, Optional[ChainPlan], Optional[ChainDecision]]:
+    """The decision for the chain ``name``; its plan wherever it can be fused; and, under
+    ``policy="auto"``, the decision the other way (fused where the first keeps it, kept
+    where it fuses), for the close calls that timing settles (:mod:`specfx.close_calls`).
+    ``fits``: the poly activations on offer (:func:`.fits.fit_polys`), ``poly_note`` why
+    some are missing; ``written``: :func:`.writes.observed_writes`; ``frontend``: the
+    report's (a Dynamo graph's fused chain makes its constants in the graph, on the
+    chain's device)."""
     comp, members = chain.comp, chain.members
     anchors = [n for n in comp if members[n].anchor]
     conv_names = [nodes[n].meta[node_meta.PLAN].name for n in anchors]
@@ -68,9 +72,12 @@ def decide(gm: fx.GraphModule, settings: Settings, frontend: str, chain: Chain, 
     circular = {members[n].circular for n in comp if members[n].kind.windowed and not members[n].pointwise}
     padding = "circular" if circular == {True} else "zeros"
 
-    def refuse(reason: str, labels=None, modes=None, masks=None, grid=None, cost=None) -> tuple[ChainDecision, None]:
+    def kept(reason: str, labels=None, modes=None, masks=None, grid=None, cost=None) -> ChainDecision:
         described = _describe_ops(chain, ops, labels, modes or {}, masks or [])
-        return ChainDecision(name, conv_names, described, False, reason, padding, grid, cost=cost), None
+        return ChainDecision(name, conv_names, described, False, reason, padding, grid, cost=cost)
+
+    def refuse(reason: str, *args, **kwargs) -> tuple[ChainDecision, None, None]:
+        return kept(reason, *args, **kwargs), None, None
 
     if len(dtypes) != 1:
         return refuse("tensors of different dtypes")
@@ -106,12 +113,11 @@ def decide(gm: fx.GraphModule, settings: Settings, frontend: str, chain: Chain, 
         return refuse("the min-cut places no conv input in the frequency domain: nothing to fuse",
                       best.labels, best.modes, None, best.grid, cost)
     if always:
-        reason = "policy='always'"
-    elif best.cost_ms >= per_conv_ms:
-        return refuse(f"fusing estimated slower ({best.cost_ms:.3g} ms vs {per_conv_ms:.3g} ms for per-conv lowering)",
-                      best.labels, best.modes, best.masks, best.grid, cost)
+        reason, unfused = "policy='always'", None
     else:
         reason = f"fused: estimated {per_conv_ms / best.cost_ms:.2f}x faster than per-conv lowering"
+        unfused = kept(f"fusing estimated slower ({best.cost_ms:.3g} ms vs {per_conv_ms:.3g} ms for per-conv "
+                       "lowering)", best.labels, best.modes, best.masks, best.grid, cost)
     if poly_note:
         reason += f"; poly not used: {poly_note}"
     # A BatchNorm module is an affine map only in eval mode: in training mode the chain
@@ -143,9 +149,12 @@ def decide(gm: fx.GraphModule, settings: Settings, frontend: str, chain: Chain, 
                      written=frozenset(t for t in chain.read_tensors() if t in written),
                      modal=modal, original=original_region(gm, anchors + spectral_ops) if modal else None)
     eliminated = max(0, per_conv_t["forward"] - best.transforms["forward"])
-    return ChainDecision(name, conv_names, _describe_ops(chain, ops, best.labels, best.modes, best.masks),
-                         True, reason, padding, tuple(best.grid), eliminated, activations, cost,
-                         best.transforms, per_conv_t), plan
+    fused = ChainDecision(name, conv_names, _describe_ops(chain, ops, best.labels, best.modes, best.masks),
+                          True, reason, padding, tuple(best.grid), eliminated, activations, cost,
+                          best.transforms, per_conv_t)
+    if unfused is not None and best.cost_ms >= per_conv_ms:
+        return unfused, plan, fused
+    return fused, plan, unfused
 
 
 def _device(node: fx.Node) -> str:

@@ -1,6 +1,6 @@
 """The plans the passes hand on: a conv's (``plan_convs`` → ``lower_convs``, on the conv
-node's meta) and a fused chain's (``find_chains`` → ``lower_convs`` and ``fuse_chains``,
-on the pass context)."""
+node's meta), a fused chain's (``find_chains`` → ``lower_convs`` and ``fuse_chains``,
+on the pass context) and a close call's (``find_chains`` → ``time_chains``)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 
 from specfx.geometry import SpectralGeometry
+from specfx.report import ChainDecision
 
 from .recognize import ChainOp
 
@@ -103,3 +104,17 @@ def original_region(gm: fx.GraphModule, names: list[str]) -> fx.Graph:
             copied[node] = region.create_node(node.op, node.target, args, kwargs)
         copied[node].meta["specfx_member"] = node.name
     return region
+
+
+@dataclasses.dataclass
+class CloseChain:
+    """A chain whose fusion ``find_chains`` estimated too close to call
+    (:data:`specfx.close_calls.CHAIN_BAND`), handed to ``time_chains``: the decision
+    either way (``chosen`` is the estimate's, at ``index`` in the report's chains), the
+    plan it fuses with, and its nodes in graph order (to run it on its own)."""
+
+    index: int
+    plan: ChainPlan
+    chosen: ChainDecision
+    other: ChainDecision
+    nodes: tuple[str, ...]
