@@ -54,7 +54,8 @@ def _signature(site: ConvSite, in_shape, dtype, w_shape, pads, geometry: Spectra
 
 
 def _time(gm: fx.GraphModule, site: ConvSite, ctx: PassContext, in_shape, dtype, w_shape, pads,
-          geometry: SpectralGeometry, channels_last: bool, unlimited: bool) -> Optional[tuple[Timing, str]]:
+          geometry: SpectralGeometry, channels_last: bool, cost: ConvCost,
+          unlimited: bool) -> Optional[tuple[Timing, str]]:
     """The direct and lowered times of the conv on its real shapes (timed, or from the
     timing cache), or ``None`` when the timing budget is spent. The weight is the module's
     where it holds one (its spectrum, computed while timing, is then cached for the
@@ -81,7 +82,7 @@ def _time(gm: fx.GraphModule, site: ConvSite, ctx: PassContext, in_shape, dtype,
                 lambda: apply_geometry(x, weight, bias, geometry, site.groups))
 
     key = _signature(site, in_shape, dtype, w_shape, pads, geometry, channels_last)
-    return ctx.measurements.timing(key, site.name, device, make, unlimited=unlimited)
+    return ctx.measurements.timing(key, site.name, device, make, cost.direct_ms + cost.fft_ms, unlimited)
 
 
 def _blocking_fft_sizes(span: int, full: int) -> list[int]:
@@ -160,7 +161,7 @@ def _plan(gm: fx.GraphModule, site: ConvSite, ctx: PassContext) -> tuple[ConvDec
         return keep("policy='never'", cost)
     timed_shape = (batch, *in_shape[-site.rank - 1:])
     if policy == "measure":
-        timing, source = _time(gm, site, ctx, timed_shape, dtype, w_shape, pads, geometry, channels_last, True)
+        timing, source = _time(gm, site, ctx, timed_shape, dtype, w_shape, pads, geometry, channels_last, cost, True)
         cost = dataclasses.replace(cost, measured_direct_ms=timing.baseline_ms, measured_fft_ms=timing.candidate_ms)
         if timing.speedup <= 1:
             return keep(f"direct conv measured faster ({_times(timing, source)})", cost)
@@ -171,7 +172,7 @@ def _plan(gm: fx.GraphModule, site: ConvSite, ctx: PassContext) -> tuple[ConvDec
                         "the conv never reads whole phases of its input, which its transform would carry as "
                         "zeros; a direct conv computes it with fewer operations than the transform alone", cost)
         close = is_close(cost.speedup, conv_band(shape))
-        timed = _time(gm, site, ctx, timed_shape, dtype, w_shape, pads, geometry, channels_last, False) \
+        timed = _time(gm, site, ctx, timed_shape, dtype, w_shape, pads, geometry, channels_last, cost, False) \
             if close else None
         if timed is not None:
             timing, source = timed

@@ -116,7 +116,9 @@ def _decide(gm: fx.GraphModule, ctx: PassContext, close: CloseChain) -> None:
         fused = _rewritten(_region(gm, close.nodes)[0], ctx, [close.plan])
         return (lambda: per_conv(*examples)), (lambda: fused(*examples))
 
-    timed = ctx.measurements.timing(_signature(region, examples, close.plan), close.chosen.name, device, make)
+    cost = close.chosen.cost
+    timed = ctx.measurements.timing(_signature(region, examples, close.plan), close.chosen.name, device, make,
+                                    cost.per_conv_ms + min(cost.fused_ms, cost.poly_ms or cost.fused_ms))
     if timed is None:
         close.chosen.reason += "; a close call left to the estimate (timing budget spent)"
         return

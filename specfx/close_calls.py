@@ -78,17 +78,20 @@ class Measurements:
         return self._caches[name]
 
     def timing(self, key: str, label: str, device: Union[str, torch.device], make: Callable[[], Candidates],
-               unlimited: bool = False) -> Optional[tuple[Timing, str]]:
+               estimated_ms: float = 0.0, unlimited: bool = False) -> Optional[tuple[Timing, str]]:
         """The timing of ``key`` and where it came from (``"timed"`` or ``"cached"``), or
-        ``None`` when the budget is spent (``unlimited``: ``policy="measure"``, which
-        times every conv). ``make`` builds the two callables, baseline first."""
+        ``None`` when the budget is spent, or would be by the warm-up calls alone by the
+        estimates (``estimated_ms``: both ways, one call each; ``unlimited``:
+        ``policy="measure"``, which times every conv). ``make`` builds the two callables,
+        baseline first."""
         cache = self.cache_for(device)
         found = cache.get(key)
         if found is not None:
             self.cached.append(label)
             return found, "cached"
         remaining = math.inf if unlimited else self.budget_s - self.spent_s
-        if remaining <= 0:
+        # Two warm-up calls of each way come before any round (measure.compare).
+        if remaining <= 0 or 2 * estimated_ms / 1e3 > remaining:
             self.untimed.append(label)
             return None
         start = clock()

@@ -336,3 +336,15 @@ def test_a_close_chain_past_the_budget_keeps_the_estimate(timer):
     report = specfx.explain(model, (x,), profile=SLOW_DIRECT, measure_budget_s=0)
     assert report.chains[0].fused
     assert report.chains[0].reason.endswith("a close call left to the estimate (timing budget spent)")
+
+
+def test_a_close_call_whose_warm_up_alone_would_spend_the_budget_is_not_timed(timer):
+    """Timing runs each way twice before its first round: a conv estimated at ~30 ms a
+    call is not started on 50 ms of budget."""
+    model, x = close_conv(64), torch.randn(2, 64, 64, 64)
+    timer.timings = [(1.0, 2.0)]
+    report = specfx.explain(model, (x,), measure_budget_s=0.05)
+    cost = report.decisions[0].cost
+    assert 2 * (cost.direct_ms + cost.fft_ms) > 50
+    assert timer.budgets == [] and "timing budget spent" in report.decisions[0].reason
+    assert "timed" in specfx.explain(model, (x,), measure_budget_s=1.0).decisions[0].reason

@@ -60,13 +60,14 @@ def fold(c: torch.Tensor, fft_size: Sequence[int], stride: Sequence[int]) -> tor
     rank = len(fft_size)
     n, s = fft_size[-1], stride[-1]
     if s > 1:
-        src, dst, mirror_src, mirror_dst = _last_axis_maps(n, s, c.device)
-        folded = c.new_zeros((*c.shape[:-1], n // s // 2 + 1))
-        folded.index_add_(-1, dst, c.index_select(-1, src))
-        if len(mirror_src):
-            mirrored = _negate_frequencies(c, rank).conj().index_select(-1, mirror_src)
-            folded.index_add_(-1, mirror_dst, mirrored)
-        c = folded
+        # The last axis's full n bins (the stored ones, then the conjugated mirrors of
+        # bins n//2+1 .. n-1), summed over the s aliases of each folded bin by a reshape:
+        # the same real-linear map as indexing each alias (fold_adjoint's), without the
+        # scatter. On a (1, 512, 160000) stride-5 conv the scatter and its index maps
+        # took 12 s of a 20 s call.
+        mirrors = _negate_frequencies(c.narrow(-1, 1, n - n // 2 - 1), rank).conj().flip(-1)
+        full = torch.cat([c, mirrors], dim=-1)
+        c = full.unflatten(-1, (s, n // s)).sum(-2).narrow(-1, 0, n // s // 2 + 1)
     for axis in range(rank - 1):
         s = stride[axis]
         if s > 1:
