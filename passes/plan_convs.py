@@ -67,13 +67,17 @@ def _time(gm: fx.GraphModule, site: ConvSite, ctx: PassContext, in_shape, dtype,
 
     def make():
         generator = torch.Generator(device).manual_seed(0)
-        x = torch.randn(in_shape, dtype=dtype, device=device, generator=generator)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        real = real_weight is not None and real_weight.device == device and real_weight.dtype == dtype
-        weight = real_weight.detach() if real else \
-            torch.randn(w_shape, dtype=dtype, device=device, generator=generator)
-        bias = None if site.bias is None else torch.zeros(w_shape[0], dtype=dtype, device=device)
+        # Not inference tensors, even under the caller's inference_mode: the spectrum
+        # cache never keeps an inference tensor's spectrum, which would time the lowered
+        # conv with its weight transformed on every call.
+        with torch.inference_mode(False):
+            x = torch.randn(in_shape, dtype=dtype, device=device, generator=generator)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            real = real_weight is not None and real_weight.device == device and real_weight.dtype == dtype
+            weight = real_weight.detach() if real else \
+                torch.randn(w_shape, dtype=dtype, device=device, generator=generator)
+            bias = None if site.bias is None else torch.zeros(w_shape[0], dtype=dtype, device=device)
         if site.weight_per_call:  # a new tensor every call: its spectrum is never cached
             return (lambda: direct_conv(x, weight.clone(), bias, site.stride, pads, site.dilation, site.groups,
                                         site.padding_mode),

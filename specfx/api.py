@@ -43,7 +43,11 @@ def _prepare(model: nn.Module, example_inputs: ExampleInputs, frontend: str) -> 
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_frontend(frontend)
     inputs = fresh_inputs(_as_tuple(example_inputs))
-    work = copy.deepcopy(model)
+    # Copied outside inference mode even when called inside it: inference-tensor weights
+    # carry no version counter, so the spectrum cache could never keep their spectra and
+    # every call of the optimized module would transform its weights again.
+    with torch.inference_mode(False):
+        work = copy.deepcopy(model)
     try:
         run_module(work, inputs)
     except Exception as err:

@@ -15,7 +15,8 @@ than the estimate's usual error:
   depthwise 7x7x7 was estimated 1.6x faster lowered, measured 0.45x).
 
 Timings are kept on disk per machine (:mod:`specfx.timing_cache`), so a second optimize
-of the same model times nothing. Timing is bounded by ``Settings.measure_budget_s`` per
+of the same model times nothing; one taken while other processes keep every core busy
+(:data:`BUSY_LOAD`) decides its run but is not kept. Timing is bounded by ``Settings.measure_budget_s`` per
 optimize (2 s by default): past it, close calls are decided by the estimate and the
 report says which; the next optimize times them (the timed ones are cached).
 """
@@ -23,6 +24,7 @@ report says which; the next optimize times them (the timed ones are cached).
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -40,6 +42,21 @@ DEFAULT_BUDGET_S = 2.0
 
 # Read through the module (not imported by name) so that tests can inject a clock.
 clock: Callable[[], float] = time.perf_counter
+
+
+def machine_load() -> Optional[float]:
+    """The one-minute load average over the logical cores (``None`` where the platform
+    does not tell)."""
+    try:
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    except (AttributeError, OSError):
+        return None
+
+
+# A timing taken while other processes keep every core busy can rank the two ways
+# wrongly (on a 2-core CPU at load 2.5, a lowered depthwise conv timed 0.47 ms quiet
+# measured 76 ms): it decides this run, but is not kept for the next.
+BUSY_LOAD = 1.0
 
 Candidates = tuple[Callable[[], object], Callable[[], object]]
 
@@ -68,6 +85,7 @@ class Measurements:
         self.timed: list[str] = []
         self.cached: list[str] = []
         self.untimed: list[str] = []
+        self.busy_loads: list[float] = []  # the loads of timings not kept, being taken on a busy machine
         self._caches: dict[str, TimingCache] = {}
 
     def cache_for(self, device: Union[str, torch.device]) -> TimingCache:
@@ -100,7 +118,11 @@ class Measurements:
         baseline_ms, candidate_ms = measure.compare(baseline, candidate, remaining, sync)
         self.spent_s += clock() - start
         timing = Timing(baseline_ms, candidate_ms)
-        cache.put(key, timing)
+        load = machine_load() if torch.device(device).type == "cpu" else None
+        if load is not None and load > BUSY_LOAD:
+            self.busy_loads.append(load)
+        else:
+            cache.put(key, timing)
         self.timed.append(label)
         return timing, "timed"
 
@@ -115,6 +137,9 @@ class Measurements:
             notes.append(f"{len(self.untimed)} close call(s) decided by the estimate, the timing budget "
                          f"({self.budget_s:g} s) being spent: {', '.join(self.untimed)} "
                          "(a later optimize times them)")
+        if self.busy_loads:
+            notes.append(f"{len(self.busy_loads)} timing(s) not kept in the timing cache: taken on a busy machine "
+                         f"(load {max(self.busy_loads):.2g} per core); a later optimize times them again")
         paths = sorted({str(c.path) for c in self._caches.values() if c.path is not None})
         if self.timed or self.cached:
             notes.append(f"timing cache: {', '.join(paths) or 'in memory'}")

@@ -62,6 +62,7 @@ def timer(monkeypatch, tmp_path):
     fake = FakeTimer([])
     monkeypatch.setattr(measure, "compare", fake.compare)
     monkeypatch.setattr(close_calls, "clock", fake.clock)
+    monkeypatch.setattr(close_calls, "machine_load", lambda: 0.1)  # a quiet machine
     return fake
 
 
@@ -348,3 +349,16 @@ def test_a_close_call_whose_warm_up_alone_would_spend_the_budget_is_not_timed(ti
     assert 2 * (cost.direct_ms + cost.fft_ms) > 50
     assert timer.budgets == [] and "timing budget spent" in report.decisions[0].reason
     assert "timed" in specfx.explain(model, (x,), measure_budget_s=1.0).decisions[0].reason
+
+
+def test_timings_taken_on_a_busy_machine_decide_the_run_but_are_not_kept(timer, monkeypatch, tmp_path):
+    monkeypatch.setattr(close_calls, "machine_load", lambda: 2.5)
+    x = torch.randn(1, 8, 32, 32)
+    timer.timings = [(2.0, 1.0), (1.0, 2.0)]
+    report = specfx.explain(close_conv(), (x,), measure_budget_s=1.0)
+    assert report.decisions[0].lowered and "timed" in report.decisions[0].reason
+    assert "not kept in the timing cache: taken on a busy machine (load 2.5 per core)" in report.timing_notes[1]
+    assert list(tmp_path.glob("timings-*.json")) == []
+    monkeypatch.setattr(close_calls, "machine_load", lambda: 0.2)
+    assert not specfx.explain(close_conv(), (x,), measure_budget_s=1.0).decisions[0].lowered  # timed again
+    assert len(timer.budgets) == 2 and len(list(tmp_path.glob("timings-*.json"))) == 1
