@@ -12,6 +12,7 @@ import weakref
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from conftest import SCALED_TOLERANCE, assert_scaled_close
 
@@ -281,3 +282,18 @@ def test_global_cache_reads_its_budget_from_the_environment_at_import():
     out = subprocess.run([sys.executable, "-c", "from specfx.ops import SPECTRUM_CACHE; print(SPECTRUM_CACHE.max_bytes)"],
                          cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
     assert int(out) == 3 * 2**20
+
+
+def test_a_module_optimized_under_inference_mode_keeps_its_spectra():
+    """optimize copies the model outside inference mode: inference-tensor weights carry no
+    version, so the cache could never keep their spectra (every call transformed them)."""
+    torch.manual_seed(0)
+    model, x = nn.Conv2d(4, 4, 15, padding=7).eval(), torch.randn(1, 4, 32, 32)
+    with torch.inference_mode():
+        fast = specfx.optimize(model, (x,), policy="always")
+        assert not any(p.is_inference() for p in fast.parameters())
+        fast(x)
+        hits = SPECTRUM_CACHE.hits
+        y = fast(x)
+        assert SPECTRUM_CACHE.hits == hits + 1
+    assert_scaled_close(y, model(x).detach())
