@@ -16,7 +16,7 @@ than the estimate's usual error:
 
 Timings are kept on disk per machine (:mod:`specfx.timing_cache`), so a second optimize
 of the same model times nothing; one taken while other processes keep every core busy
-(:data:`BUSY_LOAD`) decides its run but is not kept. Timing is bounded by ``Settings.measure_budget_s`` per
+(:data:`BUSY_WAIT`) decides its run but is not kept. Timing is bounded by ``Settings.measure_budget_s`` per
 optimize (2 s by default): past it, close calls are decided by the estimate and the
 report says which; the next optimize times them (the timed ones are cached).
 """
@@ -44,19 +44,29 @@ DEFAULT_BUDGET_S = 2.0
 clock: Callable[[], float] = time.perf_counter
 
 
-def machine_load() -> Optional[float]:
-    """The one-minute load average over the logical cores (``None`` where the platform
-    does not tell)."""
+def run_delay_s() -> Optional[float]:
+    """Seconds this process's threads have spent ready to run but waiting for a core
+    (Linux's per-thread schedstat); ``None`` where the platform does not tell."""
     try:
-        return os.getloadavg()[0] / (os.cpu_count() or 1)
-    except (AttributeError, OSError):
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
         return None
+    total = 0
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended meanwhile
+    return total / 1e9
 
 
-# A timing taken while other processes keep every core busy can rank the two ways
-# wrongly (on a 2-core CPU at load 2.5, a lowered depthwise conv timed 0.47 ms quiet
-# measured 76 ms): it decides this run, but is not kept for the next.
-BUSY_LOAD = 1.0
+# A timing during which this process's threads waited for a core, in total, more than
+# this fraction of the time it took was taken on a machine other processes kept busy: it
+# can rank the two ways wrongly (on a 2-core CPU under a second job, a lowered depthwise
+# conv timed 0.47 ms quiet measured 76 ms). It decides its run, but is not kept. (The
+# load average cannot tell: it counts this process's own threads.)
+BUSY_WAIT = 0.25
 
 Candidates = tuple[Callable[[], object], Callable[[], object]]
 
@@ -85,7 +95,8 @@ class Measurements:
         self.timed: list[str] = []
         self.cached: list[str] = []
         self.untimed: list[str] = []
-        self.busy_loads: list[float] = []  # the loads of timings not kept, being taken on a busy machine
+        # Of each timing not kept (taken on a busy machine): its threads' wait over its time.
+        self.busy_waits: list[float] = []
         self._caches: dict[str, TimingCache] = {}
 
     def cache_for(self, device: Union[str, torch.device]) -> TimingCache:
@@ -115,12 +126,16 @@ class Measurements:
         start = clock()
         baseline, candidate = make()
         sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else None
+        waited_before = run_delay_s()
+        compare_start = clock()
         baseline_ms, candidate_ms = measure.compare(baseline, candidate, remaining, sync)
+        elapsed = clock() - compare_start
+        waited_after = run_delay_s()
         self.spent_s += clock() - start
         timing = Timing(baseline_ms, candidate_ms)
-        load = machine_load() if torch.device(device).type == "cpu" else None
-        if load is not None and load > BUSY_LOAD:
-            self.busy_loads.append(load)
+        waited = None if waited_before is None or waited_after is None else waited_after - waited_before
+        if waited is not None and waited > BUSY_WAIT * max(elapsed, 1e-9):
+            self.busy_waits.append(waited / max(elapsed, 1e-9))
         else:
             cache.put(key, timing)
         self.timed.append(label)
@@ -137,9 +152,10 @@ class Measurements:
             notes.append(f"{len(self.untimed)} close call(s) decided by the estimate, the timing budget "
                          f"({self.budget_s:g} s) being spent: {', '.join(self.untimed)} "
                          "(a later optimize times them)")
-        if self.busy_loads:
-            notes.append(f"{len(self.busy_loads)} timing(s) not kept in the timing cache: taken on a busy machine "
-                         f"(load {max(self.busy_loads):.2g} per core); a later optimize times them again")
+        if self.busy_waits:
+            notes.append(f"{len(self.busy_waits)} timing(s) not kept in the timing cache: taken on a busy machine "
+                         f"(threads waiting for a core up to {max(self.busy_waits):.2g}x the time taken); a later "
+                         "optimize times them again")
         paths = sorted({str(c.path) for c in self._caches.values() if c.path is not None})
         if self.timed or self.cached:
             notes.append(f"timing cache: {', '.join(paths) or 'in memory'}")

@@ -9,6 +9,7 @@ functions whose costs differ fourfold.
 from __future__ import annotations
 
 import importlib
+import os
 import json
 import time
 
@@ -62,7 +63,7 @@ def timer(monkeypatch, tmp_path):
     fake = FakeTimer([])
     monkeypatch.setattr(measure, "compare", fake.compare)
     monkeypatch.setattr(close_calls, "clock", fake.clock)
-    monkeypatch.setattr(close_calls, "machine_load", lambda: 0.1)  # a quiet machine
+    monkeypatch.setattr(close_calls, "run_delay_s", lambda: 0.0)  # a quiet machine: no thread ever waits
     return fake
 
 
@@ -352,13 +353,23 @@ def test_a_close_call_whose_warm_up_alone_would_spend_the_budget_is_not_timed(ti
 
 
 def test_timings_taken_on_a_busy_machine_decide_the_run_but_are_not_kept(timer, monkeypatch, tmp_path):
-    monkeypatch.setattr(close_calls, "machine_load", lambda: 2.5)
+    timer.seconds = 0.2
+    waits = iter([1.0, 1.3])  # the threads waited 0.3 s for a core during a 0.2 s timing
+    monkeypatch.setattr(close_calls, "run_delay_s", lambda: next(waits))
     x = torch.randn(1, 8, 32, 32)
     timer.timings = [(2.0, 1.0), (1.0, 2.0)]
     report = specfx.explain(close_conv(), (x,), measure_budget_s=1.0)
     assert report.decisions[0].lowered and "timed" in report.decisions[0].reason
-    assert "not kept in the timing cache: taken on a busy machine (load 2.5 per core)" in report.timing_notes[1]
+    assert "not kept in the timing cache: taken on a busy machine (threads waiting for a core up to 1.5x" \
+        in report.timing_notes[1]
     assert list(tmp_path.glob("timings-*.json")) == []
-    monkeypatch.setattr(close_calls, "machine_load", lambda: 0.2)
+    monkeypatch.setattr(close_calls, "run_delay_s", lambda: 0.0)
     assert not specfx.explain(close_conv(), (x,), measure_budget_s=1.0).decisions[0].lowered  # timed again
     assert len(timer.budgets) == 2 and len(list(tmp_path.glob("timings-*.json"))) == 1
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="per-thread schedstat is Linux's")
+def test_run_delay_is_read_from_every_thread():
+    first = close_calls.run_delay_s()
+    assert first is not None and first >= 0
+    assert close_calls.run_delay_s() >= first
