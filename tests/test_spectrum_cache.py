@@ -297,3 +297,17 @@ def test_a_module_optimized_under_inference_mode_keeps_its_spectra():
         y = fast(x)
         assert SPECTRUM_CACHE.hits == hits + 1
     assert_scaled_close(y, model(x).detach())
+
+
+def test_a_tensor_over_a_cached_weights_memory_hits_while_its_values_are_the_same():
+    """What a checkpointed backward unpacks for a saved parameter is another tensor over
+    its memory: it reads the cached spectrum, and a write through it is seen."""
+    w = torch.randn(4, 3, 3, 3)
+    cache = SpectrumCache()
+    first = cache.get(w, *GEOMETRY)
+    alias = w.detach()
+    assert cache.get(alias, *GEOMETRY) is first and cache.hits == 1
+    alias.mul_(2)  # bumps the version both share
+    torch.testing.assert_close(cache.get(w.detach(), *GEOMETRY), weight_spectrum(w, *GEOMETRY), rtol=0, atol=0)
+    assert cache.misses == 2
+    assert cache.get(w[:2], *GEOMETRY) is not None and cache.misses == 3  # another view is another weight

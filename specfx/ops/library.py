@@ -216,6 +216,38 @@ class _CustomOp(SpectralOp):
         self._op.register_autograd(backward, setup_context=setup_context)
 
 
+# Autocast kernels live in a library of their own: both routes' ops take them the same way.
+_AUTOCAST_LIBRARY = torch.library.Library(NAMESPACE, "IMPL")
+_AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
+
+
+def autocast_as_conv(op: SpectralOp) -> SpectralOp:
+    """Under ``torch.autocast``, run ``op`` as autocast runs the conv it computes (part of):
+    in the autocast dtype. Its real floating tensors of the autocast device, except
+    float64 ones, are cast to that dtype, and so is a floating ``dtype`` argument (the
+    output dtype), as autocast casts a conv's input, weight and bias and returns its
+    output in that dtype. Spectra (complex) are left alone: the transforms compute in
+    float32 whatever the real dtype. Autocast is off for the call itself."""
+    for device_type, key in _AUTOCAST_KEYS.items():
+        def kernel(*args: Any, device_type: str = device_type) -> torch.Tensor:
+            dtype = torch.get_autocast_dtype(device_type)
+            cast = [_autocast_arg(a, device_type, dtype) for a in args]
+            with torch.autocast(device_type, enabled=False):
+                return op.overload(*cast)
+
+        _AUTOCAST_LIBRARY.impl(op.name, kernel, key)
+    return op
+
+
+def _autocast_arg(arg: Any, device_type: str, dtype: torch.dtype) -> Any:
+    if isinstance(arg, torch.Tensor):
+        eligible = arg.is_floating_point() and arg.dtype != torch.float64 and arg.device.type == device_type
+        return arg.to(dtype) if eligible else arg
+    if isinstance(arg, torch.dtype) and arg.is_floating_point and arg != torch.float64:
+        return dtype
+    return arg
+
+
 def spectral_op(name: str) -> Callable[[Callable[..., torch.Tensor]], SpectralOp]:
     """Decorator: define ``specfx::<name>`` with the decorated function as its
     implementation, by the chosen :data:`ROUTE`."""

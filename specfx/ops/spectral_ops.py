@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..rates import MMAP_CEILING_BYTES
 from . import contraction, folding, fourier
-from .library import spectral_op
+from .library import autocast_as_conv, spectral_op
 from .weight_spectrum import SPECTRUM_CACHE, is_plain_tensor, kernel_blocks, kernel_gradient
 
 
@@ -46,6 +46,7 @@ def check_planned_size(x: torch.Tensor, size: list[int]) -> None:
             f"but got {actual}; run specfx.optimize again with an example input of that size")
 
 
+@autocast_as_conv
 @spectral_op("to_spectrum")
 def to_spectrum(x: torch.Tensor, in_size: list[int], fft_size: list[int]) -> torch.Tensor:
     """One-sided spectrum of ``x`` over its trailing ``len(fft_size)`` dims, zero-padded at
@@ -158,6 +159,7 @@ def _mix_path(weight: torch.Tensor, spectrum: torch.Tensor, spectral_rank: int) 
     return contraction.choose_path(weight.shape[1], _batch(spectrum, spectral_rank))
 
 
+@autocast_as_conv
 @spectral_op("spectral_mix")
 def spectral_mix(x_hat: torch.Tensor, weight: torch.Tensor, fft_size: list[int],
                  dilation: list[int], shift: list[int], groups: int) -> torch.Tensor:
@@ -370,6 +372,7 @@ def _inverse_adjoint(grad: torch.Tensor, fft_size: list[int], out_size: list[int
     return _irfftn_take_outputs_adjoint(grad, out_size, stride, fft_size)
 
 
+@autocast_as_conv
 @spectral_op("from_spectrum")
 def from_spectrum(y_hat: torch.Tensor, fft_size: list[int], out_size: list[int],
                   stride: list[int], bias: Optional[torch.Tensor],
@@ -436,6 +439,7 @@ from_spectrum.register_autograd(_from_spectrum_backward, setup_context=_from_spe
 WHOLE_SPECTRUM_BYTES = MMAP_CEILING_BYTES
 
 
+@autocast_as_conv
 @spectral_op("lowered_conv")
 def lowered_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], in_size: list[int],
                  fft_size: list[int], dilation: list[int], shift: list[int], groups: int,

@@ -225,6 +225,8 @@ class SpectrumCache:
         self._lookups = 0
         self._last_used: dict[tuple[int, tuple], int] = {}
         self.working_set_lookups = working_set_lookups
+        # The memory each cached weight views (_alias_key) -> its record's key.
+        self._aliases: dict[tuple, int] = {}
 
     @property
     def nbytes(self) -> int:
@@ -257,7 +259,13 @@ class SpectrumCache:
                  w.storage_offset())
         key = id(w)
         record = self._records.get(key)
-        if record is not None and record.ref() is w:
+        if record is None or record.ref() is not w:
+            # Another tensor over a cached weight's memory, with its shape and strides: what
+            # a checkpointed backward unpacks for a saved parameter. Its stamp and values
+            # decide, as for the weight itself.
+            record = self._records.get(self._aliases.get(_alias_key(w)))
+            key = record.key if record is not None else key
+        if record is not None and record.ref() is not None:
             entry = record.entries.get(geometry)
             if entry is not None and entry.stamp == stamp and self._still_valid(entry, w):
                 try:
@@ -316,6 +324,8 @@ class SpectrumCache:
         if not self._evict_down_to(self._max_bytes - entry.nbytes, spare_working_set=True):
             return
         record.entries[geometry] = entry
+        record.alias = _alias_key(w)
+        self._aliases[record.alias] = record.key
         self._lru[(record.key, geometry)] = record
         self._last_used[(record.key, geometry)] = self._lookups
         self._nbytes += entry.nbytes
@@ -351,6 +361,8 @@ class SpectrumCache:
 
     def _drop_record(self, key: int) -> None:
         record = self._records.pop(key)
+        if record.alias is not None and self._aliases.get(record.alias) == key:
+            del self._aliases[record.alias]
         for geometry in list(record.entries):
             self._discard(record, geometry)
 
@@ -386,6 +398,7 @@ class SpectrumCache:
             self._records = {}
             self._lru = OrderedDict()
             self._last_used = {}
+            self._aliases = {}
             self._nbytes = 0
         finally:
             self._release()
@@ -394,12 +407,13 @@ class SpectrumCache:
 class _Record:
     """A weight's cached spectra, by geometry, with its id and a weak reference to it."""
 
-    __slots__ = ("key", "ref", "entries")
+    __slots__ = ("key", "ref", "entries", "alias")
 
     def __init__(self, key: int, ref: weakref.ref) -> None:
         self.key = key
         self.ref = ref
         self.entries: dict[tuple, _Entry] = {}
+        self.alias: Optional[tuple] = None
 
 
 class _Entry:
@@ -415,6 +429,11 @@ class _Entry:
         self.contents = contents
         self.spectrum = spectrum
         self.nbytes = _nbytes(spectrum) + (0 if contents is None else _nbytes(contents))
+
+
+def _alias_key(w: torch.Tensor) -> tuple:
+    """The memory ``w`` views, as a key: its storage, offset, shape, strides, dtype, device."""
+    return (w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape), w.stride(), w.dtype, w.device)
 
 
 def _nbytes(t: torch.Tensor) -> int:
