@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch this machine class carries; pyproject accepts a range.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test wheel-check bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# Build the sdist and wheel, install the wheel alone into a fresh venv and run it there.
+wheel-check: install
+	TORCH_PIN="$(TORCH_PIN)" PY=$(PY) .ci/check_wheel
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

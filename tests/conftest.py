@@ -31,6 +31,19 @@ settings.register_profile("ci", derandomize=True, database=None)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The versions a run tested (pyproject accepts a range of torch releases), printed
+    last, so that ``pytest -q`` shows it too."""
+    import platform
+
+    import specfx
+    from specfx.ops.library import ROUTE
+
+    terminalreporter.write_line(f"tested specfx {specfx.__version__} on torch {torch.__version__} "
+                                f"(Python {platform.python_version()}), op route: {ROUTE}, "
+                                f"threads: {torch.get_num_threads()}")
+
+
 SCALED_TOLERANCE = {
     torch.float64: 1e-12,
     torch.float32: 1e-5,

@@ -11,7 +11,7 @@ an autograd formula — by one of two routes, chosen once at import (:data:`ROUT
   call on a 2-core CPU, ~130 µs of a ~0.65 ms lowered 1D conv of three ops; here the
   dispatch costs ~12 µs.
 - ``"custom_op"`` (:class:`_CustomOp`): ``torch.library.custom_op``, public API only, for
-  a torch that lacks one of those pieces (``pyproject`` accepts any torch 2.x from 2.5), or
+  a torch that lacks one of those pieces (``pyproject`` accepts torch releases it was not tested on), or
   when the environment variable ``SPECFX_PUBLIC_LIBRARY=1`` asks for it (CI runs the
   tests that way too). :data:`ROUTE_REASONS` says why it was taken.
 
