@@ -117,8 +117,13 @@ def _decide(gm: fx.GraphModule, ctx: PassContext, close: CloseChain) -> None:
         return (lambda: per_conv(*examples)), (lambda: fused(*examples))
 
     cost = close.chosen.cost
-    timed = ctx.measurements.timing(_signature(region, examples, close.plan), close.chosen.name, device, make,
-                                    cost.per_conv_ms + min(cost.fused_ms, cost.poly_ms or cost.fused_ms))
+    try:
+        timed = ctx.measurements.timing(_signature(region, examples, close.plan), close.chosen.name, device, make,
+                                        cost.per_conv_ms + min(cost.fused_ms, cost.poly_ms or cost.fused_ms))
+    except Exception as err:  # the estimate stands; the report says why it was not checked
+        close.chosen.reason += (f"; a close call left to the estimate (running it on its own failed: "
+                                f"{type(err).__name__}: {err})")
+        return
     if timed is None:
         close.chosen.reason += "; a close call left to the estimate (timing budget spent)"
         return

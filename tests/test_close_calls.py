@@ -373,3 +373,21 @@ def test_run_delay_is_read_from_every_thread():
     first = close_calls.run_delay_s()
     assert first is not None and first >= 0
     assert close_calls.run_delay_s() >= first
+
+
+def test_a_chain_that_cannot_run_on_its_own_keeps_the_estimate_and_says_why(timer, monkeypatch):
+    time_chains = importlib.import_module("specfx.passes.time_chains")
+
+    def fails(region, ctx, plans):
+        raise RuntimeError("no kernel for this")
+
+    monkeypatch.setattr(time_chains, "_rewritten", fails)
+    torch.manual_seed(0)
+    model, x = ConvReluConv().eval(), torch.randn(1, 4, 32, 32)
+    fast = specfx.optimize(model, (x,), profile=SLOW_DIRECT, measure_budget_s=1.0)
+    chain = fast.specfx_report.chains[0]
+    assert chain.fused  # the estimate's choice
+    assert chain.reason.endswith("a close call left to the estimate (running it on its own failed: "
+                                 "RuntimeError: no kernel for this)")
+    with torch.no_grad():
+        assert_scaled_close(fast(x), model(x))
