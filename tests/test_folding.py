@@ -63,3 +63,21 @@ def test_folding_runs_a_smaller_inverse_transform():
     inverse = [e for e in prof.events() if e.name == "aten::_fft_c2r"]
     assert len(inverse) == 1
     assert inverse[0].input_shapes[0][-1] == geometry.fft_size[0] // 4 // 2 + 1
+
+
+class _PassThrough(torch.utils._python_dispatch.TorchDispatchMode):
+    """A dispatch mode that runs every op as it is. A custom op's kernel called under such
+    a mode (AOTAutograd's first call of a compiled graph is one) runs with the Conjugate
+    dispatch key excluded: lazy conjugate bits are not seen there."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("length,kernel,stride", [(3000, 10, 5), (599, 3, 2), (64, 7, 3)])
+def test_a_folded_conv_is_the_same_under_a_dispatch_mode(length, kernel, stride):
+    torch.manual_seed(0)
+    x, w = torch.randn(1, 2, length), torch.randn(4, 2, kernel)
+    with _PassThrough():
+        y = specfx.spectral_conv(x, w, stride=stride)
+    assert_scaled_close(y, F.conv1d(x, w, stride=stride))

@@ -64,8 +64,9 @@ def fold(c: torch.Tensor, fft_size: Sequence[int], stride: Sequence[int]) -> tor
         # bins n//2+1 .. n-1), summed over the s aliases of each folded bin by a reshape:
         # the same real-linear map as indexing each alias (fold_adjoint's), without the
         # scatter. On a (1, 512, 160000) stride-5 conv the scatter and its index maps
-        # took 12 s of a 20 s call.
-        mirrors = _negate_frequencies(c.narrow(-1, 1, n - n // 2 - 1), rank).conj().flip(-1)
+        # took 12 s of a 20 s call. The conjugate is materialized: under a TorchDispatchMode
+        # (AOTAutograd's first call of a compiled graph) a lazy conj bit is ignored.
+        mirrors = _negate_frequencies(c.narrow(-1, 1, n - n // 2 - 1), rank).flip(-1).conj_physical()
         full = torch.cat([c, mirrors], dim=-1)
         c = full.unflatten(-1, (s, n // s)).sum(-2).narrow(-1, 0, n // s // 2 + 1)
     for axis in range(rank - 1):
