@@ -115,9 +115,12 @@ class _Rewriter:
         return node.meta.get(node_meta.REPLACES, node.name)
 
     def current(self, node: fx.Node) -> fx.Node:
-        """The node of this graph that holds the value of the plan's ``node``."""
-        if self.by_name.get(node.name) is node:
-            return node
+        """The node of this graph that holds the value of the plan's ``node`` (or of the
+        node of that name, op and target in a copy of the planned graph: passes/
+        time_chains.py rewrites a chain cut out of it)."""
+        found = self.by_name.get(node.name)
+        if found is node or (found is not None and (found.op, found.target) == (node.op, node.target)):
+            return found
         if node.name in self.replaced:
             return self.replaced[node.name]
         raise RuntimeError(f"specfx: fuse_chains found no node for {node.name!r} (chain {self.plan.name})")

@@ -43,7 +43,8 @@ def _region(gm: fx.GraphModule, names: tuple[str, ...]) -> tuple[fx.GraphModule,
                 env[node] = graph.node_copy(node)
             else:
                 inputs.append(node)
-                env[node] = graph.placeholder(f"region_input_{len(inputs)}")
+                # Under its own name: the chain's plan names the tensors it reads.
+                env[node] = graph.placeholder(node.name)
         return env[node]
 
     outputs = []

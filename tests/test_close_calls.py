@@ -391,3 +391,21 @@ def test_a_chain_that_cannot_run_on_its_own_keeps_the_estimate_and_says_why(time
                                  "RuntimeError: no kernel for this)")
     with torch.no_grad():
         assert_scaled_close(fast(x), model(x))
+
+
+def test_a_chain_with_batchnorm_and_parameters_in_the_graph_is_timed_on_its_own(timer):
+    """The chain's plan names the graph's nodes (a BatchNorm's original ops for training
+    mode, a parameter read by a get_attr): cut out of the graph, it still runs, both ways."""
+    from test_chains import Residual
+
+    torch.manual_seed(0)
+    model, x = Residual().eval(), torch.randn(2, 3, 16, 16)
+    slow = specfx.CostProfile(dense_direct_gflops=0.5)
+    timer.timings = [(2.0, 1.0)]
+    fast = specfx.optimize(model, (x,), profile=slow, measure_budget_s=1.0)
+    chain = fast.specfx_report.chains[0]
+    assert chain.fused and chain.reason.startswith("fused: measured 2.00x faster"), chain.reason
+    (per_conv,), (fused,) = timer.checked[0]
+    assert_scaled_close(fused, per_conv)
+    with torch.no_grad():
+        assert_scaled_close(fast(x), model(x))
