@@ -3,11 +3,14 @@
     specfx explain MODEL --input 1,3,224,224 [--dtype float32] [SETTINGS]
     specfx diff MODEL --input 1,3,224,224 [--table] [--passes] [--html report.html] [SETTINGS]
     specfx passes
+    specfx spectrum MODEL --input 1,3,32,32 [--method auto|exact|bounds] [--html report.html] [--plot sv.png]
 
 SETTINGS are one flag per field of :class:`specfx.pipeline.Settings` (``--policy``,
 ``--profile PATH``, ``--spectral-activation``, ``--chains/--no-chains``,
 ``--poly-degree N``), generated from its fields, with their defaults. ``specfx passes``
-lists the pipeline: each pass, what it does and the passes it requires.
+lists the pipeline: each pass, what it does and the passes it requires. ``specfx spectrum``
+prints each conv and linear layer's certified operator-norm interval and the network's
+Lipschitz upper bound (:func:`specfx.spectrum`).
 
 MODEL is ``module_or_path:factory``: a dotted module, or a path to a ``.py`` file, and the
 name in it of a callable that takes no arguments and returns an ``nn.Module`` (a module
@@ -284,6 +287,9 @@ def settings_options(args: argparse.Namespace) -> dict[str, Any]:
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="specfx", description="Inspect what specfx does to a model's convolutions.",
                      epilog="Exit status: 0 done, 1 the model failed, 2 malformed command line.")
+    from specfx import __version__
+
+    parser.add_argument("--version", action="version", version=f"specfx {__version__} (torch {torch.__version__})")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def add_model_arguments(sub: argparse.ArgumentParser) -> None:
@@ -306,7 +312,46 @@ def _parser() -> argparse.ArgumentParser:
     diff_parser.add_argument("--html", metavar="PATH", type=pathlib.Path,
                              help="write a self-contained HTML report to PATH")
     commands.add_parser("passes", help="list the passes of the pipeline, in order, with what each requires")
+    spectrum_parser = commands.add_parser(
+        "spectrum", help="print each conv and linear layer's operator-norm bounds and the network's Lipschitz bound")
+    spectrum_parser.add_argument("model", metavar="MODEL",
+                                 help="module_or_path:factory, e.g. mymodels:build or models/net.py:Net")
+    spectrum_parser.add_argument("--input", dest="inputs", metavar="SHAPE", type=parse_shape, action="append",
+                                 required=True, help="shape of one positional input, e.g. 1,3,32,32 (repeatable)")
+    spectrum_parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                                 help="dtype of the inputs, and of the model for floating dtypes (default: float32)")
+    spectrum_parser.add_argument("--frontend", choices=("auto", *FRONTENDS), default="auto",
+                                 help="how to capture the model (default: auto)")
+    spectrum_parser.add_argument("--method", choices=("auto", "exact", "bounds"), default="auto",
+                                 help="exact (dense SVD, small layers), bounds, or auto: exact where small "
+                                      "(default: auto)")
+    spectrum_parser.add_argument("--html", metavar="PATH", type=pathlib.Path,
+                                 help="write the table as a self-contained HTML page to PATH")
+    spectrum_parser.add_argument("--plot", metavar="PATH", type=pathlib.Path,
+                                 help="draw each layer's singular values to PATH (needs matplotlib)")
     return parser
+
+
+def _run_spectrum(args: argparse.Namespace) -> None:
+    from .operator_norms import spectrum
+
+    dtype = DTYPES[args.dtype]
+    inputs = make_inputs(args.inputs, dtype)
+    model = build_model(args.model, dtype)
+    with _user_code():
+        report = spectrum(model, inputs, method=args.method, frontend=args.frontend)
+    print(report)
+    for path, write in ((args.html, lambda p: report.to_html(p, title=f"specfx spectrum: {args.model}")),
+                        (args.plot, report.plot)):
+        if path is None:
+            continue
+        try:
+            written = write(path)
+        except OSError as err:
+            raise CommandError(f"cannot write {path}: {err.strerror or err}") from err
+        except (ImportError, ValueError) as err:
+            raise CommandError(f"cannot draw {path}: {_one_line(err)}") from err
+        print(f"specfx: wrote {written}", file=sys.stderr)
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -314,6 +359,9 @@ def _run(args: argparse.Namespace) -> None:
         from specfx.passes import PIPELINE
 
         print("\n".join(describe_passes(PIPELINE)))
+        return
+    if args.command == "spectrum":
+        _run_spectrum(args)
         return
     dtype = DTYPES[args.dtype]
     inputs = make_inputs(args.inputs, dtype)  # first: a shape that cannot be allocated fails fast

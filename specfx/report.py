@@ -116,6 +116,8 @@ class Report:
     # The implementation each spectral op of the optimized graph runs on the example
     # inputs' device (specfx.ops.implementations).
     implementations: dict[str, str] = dataclasses.field(default_factory=dict)
+    # specfx.structure: one entry per dense linear layer considered, replaced or kept.
+    structured: list[StructuredLayerDecision] = dataclasses.field(default_factory=list)
 
     @property
     def lowered(self) -> list[str]:
@@ -129,8 +131,13 @@ class Report:
 
     def __str__(self) -> str:
         verb = "lowered" if self.applied else "would lower"
-        lines = [f"specfx report (front end: {self.frontend}, policy: {self.policy!r})",
-                 f"  {len(self.lowered)} of {len(self.decisions)} convolutions {verb}"]
+        lines = [f"specfx report (front end: {self.frontend}, policy: {self.policy!r})"]
+        if self.decisions or not self.structured:
+            lines.append(f"  {len(self.lowered)} of {len(self.decisions)} convolutions {verb}")
+        if self.structured:
+            replaced = sum(layer.replaced for layer in self.structured)
+            lines.append(f"  {replaced} of {len(self.structured)} linear layers "
+                         f"{'replaced' if self.applied else 'would be replaced'} by structured ones")
         lines += [f"  note: {note}" for note in self.capture_notes]
         lines += [f"  timing: {note}" for note in self.timing_notes]
         for d in self.decisions:
@@ -153,6 +160,8 @@ class Report:
                 lines.append(f"           spectral activation {a.summary()}")
             if c.cost is not None:
                 lines.append(f"           {c.cost.summary()}")
+        for layer in self.structured:
+            lines += layer.lines()
         if self.transforms is not None:
             lines.append(f"  transforms in the graph: {_pair(self.transforms)} "
                          f"(per-conv lowering: {_pair(self.transforms_per_conv)})")
@@ -178,3 +187,57 @@ def approximate(report: Report) -> bool:
     """Whether the report's fused chains hold poly activations that are not exact."""
     return any(a.mode == "poly" and (a.error is None or a.error > 0)
                for c in report.chains if c.fused for a in c.activations)
+
+
+@dataclasses.dataclass
+class StructuredLayerDecision:
+    """The outcome for one dense linear layer under :func:`specfx.structure`.
+
+    ``factors`` describes the structured layer tried (the one installed where
+    ``replaced``; for a kept layer, the closest one tried, if any). ``params_*`` count
+    weights and bias; ``flops_*`` are the layer's FLOPs on the example inputs. Errors are
+    relative Frobenius norms: ``weight_error`` ``‖W − Ŵ‖ / ‖W‖``, ``output_error`` that of
+    the layer's outputs on the inputs it received when the model ran on the examples.
+    """
+
+    layer: str
+    kind: str
+    replaced: bool
+    reason: str
+    in_features: int
+    out_features: int
+    factors: Optional[str] = None
+    params_before: int = 0
+    params_after: Optional[int] = None
+    flops_before: Optional[int] = None
+    flops_after: Optional[int] = None
+    weight_error: Optional[float] = None
+    output_error: Optional[float] = None
+
+    def lines(self) -> list[str]:
+        """The report's lines for this layer."""
+        mark = "replaced" if self.replaced else "kept    "
+        head = f"  [{self.kind} {mark}] {self.layer}: Linear {self.in_features}→{self.out_features}"
+        lines = [head + (f" as {self.factors}" if self.factors else ""), f"           {self.reason}"]
+        figures = []
+        if self.params_after is not None:
+            ratio = self.params_before / max(self.params_after, 1)
+            figures.append(f"params {self.params_before:,} → {self.params_after:,} "
+                           f"({f'{ratio:.1f}x fewer' if ratio > 1 else 'no fewer'})")
+        if self.flops_before is not None and self.flops_after is not None:
+            figures.append(f"FLOPs {self._count(self.flops_before)} → {self._count(self.flops_after)} "
+                           f"on the example inputs")
+        if self.weight_error is not None:
+            figures.append(f"weight error {self.weight_error:.3g}")
+        if self.output_error is not None:
+            figures.append(f"output error {self.output_error:.3g}")
+        if figures:
+            lines.append("           " + "; ".join(figures))
+        return lines
+
+    @staticmethod
+    def _count(value: int) -> str:
+        for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+            if value >= scale:
+                return f"{value / scale:.3g}{suffix}"
+        return str(value)

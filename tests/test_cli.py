@@ -297,3 +297,14 @@ def test_passes_lists_the_pipeline_with_requirements(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0].rstrip(":") for line in lines] == [p.name for p in PIPELINE]
     assert lines[1].endswith("[requires plan_convs]")
+
+
+def test_version_names_specfx_and_torch(capsys):
+    import torch
+
+    import specfx
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"specfx {specfx.__version__} (torch {torch.__version__})"

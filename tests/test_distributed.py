@@ -115,7 +115,6 @@ def test_autocast_runs_the_lowered_convs_as_it_runs_the_originals(chains):
     assert fast.specfx_report.lowered == ["stem", "dw", "pw"]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected, actual = model(x), fast(x)
-        inner_expected, inner_actual = model.dw(model.stem(x)), fast.dw(fast.stem(x)) if not chains else (None, None)
     assert actual.dtype == expected.dtype == torch.bfloat16
     exact = model(x).detach()
     scale = exact.abs().max().item()
