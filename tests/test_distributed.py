@@ -46,12 +46,29 @@ def test_ddp_trains_an_optimized_module_as_one_process_trains_the_original():
     # DDP's broadcast at construction replaced rank 1's weights (its spectra were cached by
     # then), every fourth step ran no_sync: the result is the single-process one.
     _close(ranks[0]["parameters"], cases.reference_training())
-    # The parameters in the original's order, so DDP's buckets are the original's. (After
-    # the first step DDP rebuilds them in the order gradients arrived: a lowered conv's
-    # bias gradient comes before its weight's, one step earlier than torch's conv's, which
-    # can move a bias across a bucket boundary.)
+    # The parameters in the original's order: DDP's buckets are built from it. (After the
+    # first step DDP rebuilds them in the order gradients arrive: lowered convs keep
+    # torch's order, see the next test, but in a fused chain a bias is a spectral shift
+    # whose gradient arrives before its conv's weight's.)
     assert ranks[0]["names"] == ranks[0]["reference_names"]
     assert ranks[0]["buckets"]["bucket_sizes"] == ranks[0]["reference_buckets"]["bucket_sizes"]
+
+
+def test_lowered_convs_deliver_gradients_in_the_order_torchs_convs_do():
+    """Weight, then bias, layer by layer from the last: the order DDP rebuilds its buckets in."""
+    model = cases.build(0)
+    x, t = cases.batches(1)
+    fast = specfx.optimize(model, (x[0],), policy="always", chains=False)
+    orders = []
+    for module in (model, fast):
+        order: list[str] = []
+        hooks = [p.register_post_accumulate_grad_hook(lambda p, n=n: order.append(n))
+                 for n, p in module.named_parameters()]
+        F.mse_loss(module(x[0]), t[0]).backward()
+        for hook in hooks:
+            hook.remove()
+        orders.append(order)
+    assert orders[1] == orders[0]
 
 
 @needs_gloo

@@ -521,10 +521,31 @@ def _(x, weight, bias, in_size, fft_size, dilation, shift, groups, out_size, str
     return x.new_empty((*batch, weight.shape[0], *out_size), dtype=out_dtype)
 
 
+class _GradientAfterWeight(torch.autograd.Function):
+    """The identity on a conv's bias, made before the conv's other ops: autograd runs a
+    node made earlier later, so the bias's gradient is accumulated after the weight's, as
+    torch's conv gives them (weight, then bias). DDP rebuilds its buckets in the order
+    gradients arrive: with the bias's first (from_spectrum's backward runs before
+    spectral_mix's), a bias could land in another bucket than the original's."""
+
+    @staticmethod
+    def forward(bias: torch.Tensor) -> torch.Tensor:
+        return bias.view_as(bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
 def _lowered_conv_as_three_ops(x, weight, bias, in_size, fft_size, dilation, shift, groups, out_size, stride,
                                out_dtype):
+    late_bias = _GradientAfterWeight.apply(bias) if bias is not None and bias.requires_grad else bias
     y_hat = spectral_mix(to_spectrum(x, in_size, fft_size), weight, fft_size, dilation, shift, groups)
-    out = from_spectrum(y_hat, fft_size, out_size, stride, bias, out_dtype)
+    out = from_spectrum(y_hat, fft_size, out_size, stride, late_bias, out_dtype)
     return _finite_or_direct(out, x, weight, bias, fft_size, dilation, shift, groups, out_size, stride, out_dtype)
 
 
