@@ -33,12 +33,12 @@ os.environ.pop("SPECFX_MEASURE_BUDGET_S", None)
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH_DIR)
 
 import specfx  # noqa: E402
+from chains import ConvReluStack  # noqa: E402
 from timing import interleaved_medians  # noqa: E402
 
 GOAL = 1.15
@@ -67,28 +67,13 @@ def conv_cases() -> list[tuple[str, nn.Module, tuple[int, ...]]]:
     ]
 
 
-class ConvReluStack(nn.Module):
-    def __init__(self, channels: int, k: int, depthwise: bool, layers: int = 3):
-        super().__init__()
-        groups = channels if depthwise else 1
-        self.convs = nn.ModuleList(nn.Conv2d(channels, channels, k, padding=k // 2, groups=groups)
-                                   for _ in range(layers))
-
-    def forward(self, x):
-        for i, conv in enumerate(self.convs):
-            x = conv(x)
-            if i < len(self.convs) - 1:
-                x = F.relu(x)
-        return x
-
-
 def chain_cases() -> list[tuple[str, nn.Module, tuple[int, ...]]]:
     return [
-        ("conv-ReLU-conv-ReLU-conv k15 16ch, (2,16,32,32)", ConvReluStack(16, 15, False), (2, 16, 32, 32)),
-        ("conv-ReLU-conv-ReLU-conv k15 16ch, (2,16,64,64)", ConvReluStack(16, 15, False), (2, 16, 64, 64)),
-        ("conv-ReLU-conv-ReLU-conv k15 64ch, (2,64,64,64)", ConvReluStack(64, 15, False), (2, 64, 64, 64)),
-        ("depthwise k15 stack 64ch, (2,64,64,64)", ConvReluStack(64, 15, True), (2, 64, 64, 64)),
-        ("depthwise k31 stack 64ch, (2,64,64,64)", ConvReluStack(64, 31, True), (2, 64, 64, 64)),
+        ("conv-ReLU-conv-ReLU-conv k15 16ch, (2,16,32,32)", ConvReluStack(16, 15, False, "zeros"), (2, 16, 32, 32)),
+        ("conv-ReLU-conv-ReLU-conv k15 16ch, (2,16,64,64)", ConvReluStack(16, 15, False, "zeros"), (2, 16, 64, 64)),
+        ("conv-ReLU-conv-ReLU-conv k15 64ch, (2,64,64,64)", ConvReluStack(64, 15, False, "zeros"), (2, 64, 64, 64)),
+        ("depthwise k15 stack 64ch, (2,64,64,64)", ConvReluStack(64, 15, True, "zeros"), (2, 64, 64, 64)),
+        ("depthwise k31 stack 64ch, (2,64,64,64)", ConvReluStack(64, 31, True, "zeros"), (2, 64, 64, 64)),
     ]
 
 
