@@ -52,6 +52,7 @@ from specfx import node_meta
 from specfx.chains.plan import ChainPlan
 from specfx.chains.recognize import ChainOp, OpKind, conv_geometry_of, rows_and_size
 from specfx.chains.runtime import batch_norm_affine, chain_outputs
+from specfx.ops.spectral_ops import gradient_after_weight
 from specfx.canonical import bind_schema, conv_site, weight_shape
 from specfx.capture import keep_buffers_non_persistent_on_copy
 from specfx.pipeline import PassContext
@@ -266,8 +267,15 @@ class _Rewriter:
                     mix_c.replace_input_with(to_c, self.forward[key])
                 else:
                     self.forward[key] = to_c
+        bias = bind_schema(from_c.target, from_c.args, from_c.kwargs)["bias"]
+        if isinstance(bias, fx.Node):
+            # Read before the conv's ops run (lower_convs reads the bias first), so that its
+            # gradient arrives after the weight's, as torch's conv gives them.
+            with self.graph.inserting_after(bias):
+                late = self.add(gradient_after_weight, (bias,), source=from_c)
+            from_c.replace_input_with(bias, late)
+            bias = late
         if conv not in self.plan.ends:
-            bias = bind_schema(from_c.target, from_c.args, from_c.kwargs)["bias"]
             self.values[conv] = Value(mix_c, None, bias)
 
     def op(self, node: fx.Node) -> None:

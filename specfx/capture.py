@@ -25,6 +25,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from . import guards
 from .errors import CaptureError
+from .ops.spectral_ops import gradient_after_weight
 from .torch_compat import add_deepcopy_hook
 
 FRONTENDS = ("symbolic_trace", "export")
@@ -97,14 +98,19 @@ def keep_buffers_non_persistent_on_copy(gm: fx.GraphModule) -> None:
         add_deepcopy_hook(gm, _NonPersistentBuffers(frozenset(gm._non_persistent_buffers_set)))
 
 
+# Calls a lowered module makes that a trace of it keeps as calls: the call-time checks of
+# lowered convs (specfx.guards), which branch on shapes, and the bias reads that order a
+# conv's gradients (they branch on requires_grad).
+_KEPT_CALLS = (*guards.CHECKS, gradient_after_weight)
+
+
 class _Tracer(fx.Tracer):
     """``symbolic_trace``'s tracer, keeping the input guards of a module captured by export
     (being optimized again) as one call, so that they still explain themselves, and the
-    call-time checks of lowered convs (:mod:`specfx.guards`) as calls, since they branch on
-    shapes."""
+    calls of :data:`_KEPT_CALLS` as calls."""
 
     def __init__(self) -> None:
-        super().__init__(autowrap_functions=guards.CHECKS)
+        super().__init__(autowrap_functions=_KEPT_CALLS)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, InputGuards) or super().is_leaf_module(m, module_qualified_name)
@@ -115,7 +121,7 @@ def _unmark_checks(graph: fx.Graph) -> None:
     it wrapped for later traces: _Tracer wraps them anyway, and the code of a lowered module
     traced again then reads as it did."""
     for node in graph.nodes:
-        if node.target in guards.CHECKS:
+        if node.target in _KEPT_CALLS:
             node.meta.pop("is_wrapped", None)
 
 

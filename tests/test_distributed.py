@@ -46,19 +46,22 @@ def test_ddp_trains_an_optimized_module_as_one_process_trains_the_original():
     # DDP's broadcast at construction replaced rank 1's weights (its spectra were cached by
     # then), every fourth step ran no_sync: the result is the single-process one.
     _close(ranks[0]["parameters"], cases.reference_training())
-    # The parameters in the original's order: DDP's buckets are built from it. (After the
-    # first step DDP rebuilds them in the order gradients arrive: lowered convs keep
-    # torch's order, see the next test, but in a fused chain a bias is a spectral shift
-    # whose gradient arrives before its conv's weight's.)
+    # The parameters in the original's order, and their gradients arriving in the
+    # original's order (next test): DDP's buckets, built from the first and rebuilt from
+    # the second after the first step, are the original's.
     assert ranks[0]["names"] == ranks[0]["reference_names"]
-    assert ranks[0]["buckets"]["bucket_sizes"] == ranks[0]["reference_buckets"]["bucket_sizes"]
+    assert ranks[0]["buckets"] == ranks[0]["reference_buckets"]
+    assert ranks[0]["buckets"]["rebuilt_per_bucket_param_indices"] is not None
 
 
-def test_lowered_convs_deliver_gradients_in_the_order_torchs_convs_do():
-    """Weight, then bias, layer by layer from the last: the order DDP rebuilds its buckets in."""
+@pytest.mark.parametrize("chains", [False, True])
+def test_lowered_convs_deliver_gradients_in_the_order_torchs_convs_do(chains):
+    """Weight, then bias, layer by layer from the last: the order DDP rebuilds its buckets
+    in. (A chain carries its biases as spectral shifts, read before the convs' ops.)"""
     model = cases.build(0)
     x, t = cases.batches(1)
-    fast = specfx.optimize(model, (x[0],), policy="always", chains=False)
+    fast = specfx.optimize(model, (x[0],), policy="always", chains=chains)
+    assert [c.fused for c in fast.specfx_report.chains] == ([True] if chains else [])
     orders = []
     for module in (model, fast):
         order: list[str] = []

@@ -541,9 +541,16 @@ class _GradientAfterWeight(torch.autograd.Function):
         return grad
 
 
+def gradient_after_weight(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``bias``, through :class:`_GradientAfterWeight` where it needs a gradient: called
+    before the conv's own ops, it makes the bias's gradient arrive after the weight's (fused
+    chains call it on the biases they carry as spectral shifts)."""
+    return _GradientAfterWeight.apply(bias) if bias is not None and bias.requires_grad else bias
+
+
 def _lowered_conv_as_three_ops(x, weight, bias, in_size, fft_size, dilation, shift, groups, out_size, stride,
                                out_dtype):
-    late_bias = _GradientAfterWeight.apply(bias) if bias is not None and bias.requires_grad else bias
+    late_bias = gradient_after_weight(bias)
     y_hat = spectral_mix(to_spectrum(x, in_size, fft_size), weight, fft_size, dilation, shift, groups)
     out = from_spectrum(y_hat, fft_size, out_size, stride, late_bias, out_dtype)
     return _finite_or_direct(out, x, weight, bias, fft_size, dilation, shift, groups, out_size, stride, out_dtype)
