@@ -188,9 +188,11 @@ class SpectrumCache:
     it the least recently used entries go; a spectrum larger than the whole budget is
     computed and returned but not cached, and ``0`` turns caching off. :attr:`nbytes` is
     what is held now. Lowering :attr:`max_bytes` evicts at once. Entries used within the
-    last ``working_set_lookups`` lookups (:data:`WORKING_SET_LOOKUPS`) are not evicted to make room for a new one
-    (the new spectrum goes uncached): a model whose spectra exceed the budget keeps those
-    that fit, instead of evicting, on every call, the one it reads next.
+    last ``working_set_lookups`` lookups (:data:`WORKING_SET_LOOKUPS`) are not evicted to
+    make room for a new one (the new spectrum goes uncached): a model whose spectra exceed
+    the budget keeps those that fit, instead of evicting, on every call, the one it reads
+    next. A tensor over a cached weight's memory (same offset, shape and strides: what a
+    checkpointed backward unpacks for a parameter) finds the weight's entries.
 
     Threads: calls may run concurrently with each other and with writes to the weights. A
     miss takes the weight's stamp, then copies its values, and transforms that copy, so a
