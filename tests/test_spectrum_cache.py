@@ -170,7 +170,7 @@ def test_many_one_off_weights_kept_alive_stay_within_the_budget(monkeypatch):
 
 def test_least_recently_used_entry_is_evicted_first():
     a, b, c = (torch.randn(4, 3, 3, 3) for _ in range(3))
-    cache = SpectrumCache(max_bytes=int(2.5 * entry_bytes(a)), working_set_lookups=0)
+    cache = SpectrumCache(max_bytes=int(2.5 * entry_bytes(a)))
     for w in (a, b, a, c):  # a is used after b: b is the least recently used when c comes
         cache.get(w, *GEOMETRY)
     assert (cache.hits, cache.misses) == (1, 3)
@@ -194,17 +194,16 @@ def test_a_loop_larger_than_the_budget_keeps_the_spectra_that_fit():
     assert cache.nbytes == 2 * entry_bytes(weights[0])
 
 
-def test_entries_outside_the_working_set_make_room():
+def test_a_new_working_set_replaces_an_old_one():
+    """Spectra computed for the first time (another model's) evict what the old working
+    set left, however recently it was used."""
     old, a, b = (torch.randn(4, 3, 3, 3) for _ in range(3))
-    cache = SpectrumCache(max_bytes=int(2.5 * entry_bytes(old)), working_set_lookups=4)
-    cache.get(old, *GEOMETRY)
-    cache.get(a, *GEOMETRY)
-    for _ in range(4):  # old is now 4 lookups behind: out of the working set
-        cache.get(a, *GEOMETRY)
-    cache.get(b, *GEOMETRY)
-    cache.get(b, *GEOMETRY)
-    cache.get(a, *GEOMETRY)
-    assert (cache.hits, cache.misses) == (6, 3)
+    cache = SpectrumCache(max_bytes=int(2.5 * entry_bytes(old)))
+    for w in (old, a, old, a):
+        cache.get(w, *GEOMETRY)
+    for w in (b, b, a):
+        cache.get(w, *GEOMETRY)
+    assert (cache.hits, cache.misses) == (4, 3)
     cache.get(old, *GEOMETRY)
     assert cache.misses == 4
 

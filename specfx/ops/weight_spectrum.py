@@ -44,13 +44,13 @@ def _default_max_bytes() -> int:
 
 DEFAULT_MAX_BYTES = _default_max_bytes()
 
-# An entry used within this many cache lookups is in the working set of whatever is
-# running (a model's forward and backward look up each of its lowered convs once or
-# twice): a new spectrum does not evict it, and goes uncached instead. Evicting the least
-# recently used entry of a loop that does not fit evicts the very entry the loop reads
-# next: three 87 MiB spectra in a 256 MiB budget missed on every call (12x slower than
-# cached); kept, two of the three hit.
-WORKING_SET_LOOKUPS = 1024
+# A spectrum computed for the second time does not evict entries used since its first:
+# they and it take turns in a loop that does not fit, where evicting the least recently
+# used entry evicts the very one the loop reads next (three 87 MiB spectra in a 256 MiB
+# budget missed on every call, 12x slower than cached; kept, two of the three hit). A
+# spectrum computed for the first time (a new model, new weights) evicts as usual.
+# Misses remembered, at most:
+REMEMBERED_MISSES = 4096
 
 
 def tap_positions(kernel_size: int, dilation: int, shift: int, fft_size: int, device) -> torch.Tensor:
@@ -187,11 +187,10 @@ class SpectrumCache:
     ``SPECFX_SPECTRUM_CACHE_MB``, in MiB, at import, else :data:`DEFAULT_MAX_BYTES`). Past
     it the least recently used entries go; a spectrum larger than the whole budget is
     computed and returned but not cached, and ``0`` turns caching off. :attr:`nbytes` is
-    what is held now. Lowering :attr:`max_bytes` evicts at once. Entries used within the
-    last ``working_set_lookups`` lookups (:data:`WORKING_SET_LOOKUPS`) are not evicted to
-    make room for a new one (the new spectrum goes uncached): a model whose spectra exceed
-    the budget keeps those that fit, instead of evicting, on every call, the one it reads
-    next. A tensor over a cached weight's memory (same offset, shape and strides: what a
+    what is held now. Lowering :attr:`max_bytes` evicts at once. A spectrum computed again
+    does not evict entries used since it was last computed (it goes uncached instead): a
+    model whose spectra exceed the budget keeps those that fit, instead of evicting, on
+    every call, the one it reads next. A tensor over a cached weight's memory (same offset, shape and strides: what a
     checkpointed backward unpacks for a parameter) finds the weight's entries.
 
     Threads: calls may run concurrently with each other and with writes to the weights. A
@@ -203,8 +202,7 @@ class SpectrumCache:
     held while a spectrum is computed.
     """
 
-    def __init__(self, verify_contents: bool = True, max_bytes: int = DEFAULT_MAX_BYTES,
-                 working_set_lookups: int = WORKING_SET_LOOKUPS) -> None:
+    def __init__(self, verify_contents: bool = True, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         # id(weight) -> its record. Looked up by id on every call, so that a hit costs a
         # dict lookup, not a weak-key wrapper per call.
         self._records: dict[int, _Record] = {}
@@ -222,11 +220,12 @@ class SpectrumCache:
         self.verify_contents = verify_contents
         self.hits = 0
         self.misses = 0
-        # Lookups so far, and the count at each entry's last use (see WORKING_SET_LOOKUPS).
-        # Hits update both without the lock: a lost increment only ages an entry less.
+        # Lookups so far, the count at each entry's last use, and at each key's last miss
+        # (see REMEMBERED_MISSES). Hits update the first two without the lock: a lost
+        # increment only ages an entry less.
         self._lookups = 0
         self._last_used: dict[tuple[int, tuple], int] = {}
-        self.working_set_lookups = working_set_lookups
+        self._last_miss: OrderedDict[tuple[int, tuple], int] = OrderedDict()
         # The memory each cached weight views (_alias_key) -> its record's key.
         self._aliases: dict[tuple, int] = {}
 
@@ -323,7 +322,12 @@ class SpectrumCache:
         # are self-consistent, the later one replaces it.
         record = self._record_of(w)
         self._discard(record, geometry)
-        if not self._evict_down_to(self._max_bytes - entry.nbytes, spare_working_set=True):
+        key = (record.key, geometry)
+        previous_miss = self._last_miss.pop(key, None)
+        self._last_miss[key] = self._lookups
+        if len(self._last_miss) > REMEMBERED_MISSES:
+            self._last_miss.popitem(last=False)
+        if not self._evict_down_to(self._max_bytes - entry.nbytes, spare_used_since=previous_miss):
             return
         record.entries[geometry] = entry
         record.alias = _alias_key(w)
@@ -368,13 +372,13 @@ class SpectrumCache:
         for geometry in list(record.entries):
             self._discard(record, geometry)
 
-    def _evict_down_to(self, limit: int, spare_working_set: bool = False) -> bool:
+    def _evict_down_to(self, limit: int, spare_used_since: Optional[int] = None) -> bool:
         """Evict the least recently used entries until at most ``limit`` bytes are held;
-        with ``spare_working_set``, stop at the first entry used within the last
-        :attr:`working_set_lookups` lookups. Whether the limit was reached. Under the lock."""
+        stop at the first entry used after lookup ``spare_used_since`` (where given).
+        Whether the limit was reached. Under the lock."""
         while self._nbytes > limit:
             key, record = next(iter(self._lru.items()))
-            if spare_working_set and self._lookups - self._last_used.get(key, 0) < self.working_set_lookups:
+            if spare_used_since is not None and self._last_used.get(key, 0) > spare_used_since:
                 return False
             self._discard(record, key[1])
         return True
@@ -400,6 +404,7 @@ class SpectrumCache:
             self._records = {}
             self._lru = OrderedDict()
             self._last_used = {}
+            self._last_miss = OrderedDict()
             self._aliases = {}
             self._nbytes = 0
         finally:
