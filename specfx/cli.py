@@ -292,7 +292,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"specfx {__version__} (torch {torch.__version__})")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    def add_model_arguments(sub: argparse.ArgumentParser) -> None:
+    def add_model_arguments(sub: argparse.ArgumentParser, settings: bool = True) -> None:
+        """The model, its inputs and front end; with ``settings``, the optimize options too."""
         sub.add_argument("model", metavar="MODEL",
                          help="module_or_path:factory, e.g. mymodels:build or models/net.py:Net")
         sub.add_argument("--input", dest="inputs", metavar="SHAPE", type=parse_shape, action="append",
@@ -301,7 +302,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="dtype of the inputs, and of the model for floating dtypes (default: float32)")
         sub.add_argument("--frontend", choices=("auto", *FRONTENDS), default="auto",
                          help="how to capture the model (default: auto)")
-        add_settings_arguments(sub)
+        if settings:
+            add_settings_arguments(sub)
 
     explain_parser = commands.add_parser("explain", help="print the report: each conv's decision and why")
     add_model_arguments(explain_parser)
@@ -314,14 +316,7 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("passes", help="list the passes of the pipeline, in order, with what each requires")
     spectrum_parser = commands.add_parser(
         "spectrum", help="print each conv and linear layer's operator-norm bounds and the network's Lipschitz bound")
-    spectrum_parser.add_argument("model", metavar="MODEL",
-                                 help="module_or_path:factory, e.g. mymodels:build or models/net.py:Net")
-    spectrum_parser.add_argument("--input", dest="inputs", metavar="SHAPE", type=parse_shape, action="append",
-                                 required=True, help="shape of one positional input, e.g. 1,3,32,32 (repeatable)")
-    spectrum_parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
-                                 help="dtype of the inputs, and of the model for floating dtypes (default: float32)")
-    spectrum_parser.add_argument("--frontend", choices=("auto", *FRONTENDS), default="auto",
-                                 help="how to capture the model (default: auto)")
+    add_model_arguments(spectrum_parser, settings=False)
     spectrum_parser.add_argument("--method", choices=("auto", "exact", "bounds"), default="auto",
                                  help="exact (dense SVD, small layers), bounds, or auto: exact where small "
                                       "(default: auto)")
