@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import specfx
 from specfx.operator_norms import LayerError, as_operator
+from specfx.operator_norms import windowed
 from specfx.operator_norms.bounds import block_upper_values, dominating_grid
 from specfx.operator_norms.circular import periodic_blocks
 
@@ -118,8 +119,10 @@ def trained_like_kernel(c_out, c_in, kernel, gen):
     return mixing.reshape(shape) * profile + 0.3 * random_kernel(c_out, c_in, kernel, gen)
 
 
-TIGHT_RANDOM = [  # (rank, channels, kernel, size, stride): random kernels, n ≥ 3.5 k
+TIGHT_RANDOM = [  # (rank, channels, kernel, size, stride): random kernels, tiny grids included
     (2, 4, 3, 10, 1), (2, 12, 3, 10, 1), (2, 8, 3, 14, 2), (1, 16, 5, 32, 1), (1, 8, 3, 24, 2), (2, 4, 5, 20, 1),
+    (2, 4, 3, 4, 1), (2, 8, 3, 4, 1), (2, 32, 3, 4, 1), (2, 16, 3, 7, 1), (2, 8, 3, 6, 2), (2, 4, 5, 6, 1),
+    (3, 4, 3, 4, 1), (1, 8, 5, 5, 1),
 ]
 TIGHT_TRAINED = [  # trained-like kernels, from tiny grids up
     (2, 4, 3, 4, 1), (2, 16, 3, 7, 1), (2, 32, 3, 7, 1), (2, 16, 3, 10, 1), (1, 16, 5, 12, 1), (2, 8, 3, 8, 2),
@@ -141,6 +144,41 @@ def test_bounds_are_tight_where_the_goal_asks(kind, config):
     assert bounds.upper <= 1.05 * expected, bounds
     if kind == "trained":  # a gap under the top eigenvalue: Lehmann's bound is nearly exact
         assert bounds.method.startswith("Lehmann") and bounds.upper <= 1.001 * expected, bounds
+
+
+@settings(max_examples=30, deadline=None)
+@given(layer_configs(), st.integers(0, 3))
+def test_the_window_correction_is_an_upper_bound_and_exact_when_everything_is_kept(config, step):
+    """Over layers of every rank, stride, dilation, groups and padding amount (zeros): the
+    window-corrected bound contains the true norm with any number of components kept, and
+    equals it once all are."""
+    rank, c_in, c_out, kernel, stride, padding, dilation, groups, _, size, seed = config
+    torch.manual_seed(seed)
+    conv = make_conv(rank, c_in, c_out, kernel, stride, padding, dilation, groups, "zeros")
+    expected = true_norm(conv, size)
+    op = as_operator(conv, size)
+    grid = dominating_grid(op)
+    comps = windowed.components(op, grid)
+    if len(comps.sigma) < 2:
+        return
+    bound, _ = windowed.corrected_bound(op, grid, comps, [1, 4, 16, 10 ** 6][step])
+    assert bound >= expected * (1 - 1e-12), (bound, expected)
+    if comps.complete:
+        full, _ = windowed.corrected_bound(op, grid, comps, 2 * len(comps.sigma))
+        # What remains is the rounding allowance on the singular values left out (all zero).
+        assert full <= expected * (1 + 1e-12) + 2 * math.sqrt(comps.gram_error), (full, expected)
+
+
+def test_the_window_correction_removes_the_finite_size_excess_of_random_kernels():
+    """A random 16-channel kernel on a 4x4 grid: the circulant bound is 8-12% above the
+    norm (its plane waves do not fit in four samples); the corrected bound is within 1%."""
+    gen = torch.Generator().manual_seed(3)
+    conv = make_conv(2, 16, 16, [3, 3], 1, 1, 1, 1, "zeros", random_kernel(16, 16, [3, 3], gen))
+    expected = true_norm(conv, [4, 4])
+    plain = specfx.operator_norm(conv, 4, method="bounds", refine=False)
+    corrected = specfx.operator_norm(conv, 4, method="bounds")
+    assert plain.upper > 1.05 * expected
+    assert corrected.method.startswith("window-corrected") and corrected.upper <= 1.01 * expected, corrected
 
 
 def test_the_circulant_bound_alone_overshoots_on_small_grids():
