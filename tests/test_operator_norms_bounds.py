@@ -158,15 +158,15 @@ def test_the_window_correction_is_an_upper_bound_and_exact_when_everything_is_ke
     expected = true_norm(conv, size)
     op = as_operator(conv, size)
     grid = dominating_grid(op)
-    comps = windowed.components(op, grid)
-    if len(comps.sigma) < 2:
-        return
-    bound, _ = windowed.corrected_bound(op, grid, comps, [1, 4, 16, 10 ** 6][step])
+    groups = [comps for comps in windowed.components(op, grid) if len(comps.sigma)]
+    count = [1, 4, 16, 10 ** 6][step]
+    bound = max(windowed.corrected_bound(op, grid, comps, count)[0] for comps in groups)
     assert bound >= expected * (1 - 1e-12), (bound, expected)
-    if comps.complete:
-        full, _ = windowed.corrected_bound(op, grid, comps, 2 * len(comps.sigma))
+    if all(comps.complete for comps in groups):
+        full = max(windowed.corrected_bound(op, grid, comps, 10 ** 9)[0] for comps in groups)
         # What remains is the rounding allowance on the singular values left out (all zero).
-        assert full <= expected * (1 + 1e-12) + 2 * math.sqrt(comps.gram_error), (full, expected)
+        slack = 2 * max(math.sqrt(comps.gram_error) for comps in groups)
+        assert full <= expected * (1 + 1e-12) + slack, (full, expected)
 
 
 def test_the_window_correction_removes_the_finite_size_excess_of_random_kernels():
@@ -179,6 +179,34 @@ def test_the_window_correction_removes_the_finite_size_excess_of_random_kernels(
     corrected = specfx.operator_norm(conv, 4, method="bounds")
     assert plain.upper > 1.05 * expected
     assert corrected.method.startswith("window-corrected") and corrected.upper <= 1.01 * expected, corrected
+
+
+@pytest.mark.parametrize("rank,c_in,c_out,k,stride,groups,size", [
+    (2, 32, 32, 7, 1, 32, 8),   # depthwise: each group corrected on its own
+    (2, 16, 32, 3, 2, 1, 6),    # strided: the aliases of an output frequency form one block
+    (3, 4, 4, 3, 2, 1, 6),
+    (1, 8, 8, 5, 2, 2, 9),
+])
+def test_the_window_correction_covers_groups_and_strides(rank, c_in, c_out, k, stride, groups, size):
+    gen = torch.Generator().manual_seed(5)
+    weight = random_kernel(c_out, c_in // groups, [k] * rank, gen)
+    conv = make_conv(rank, c_in, c_out, [k] * rank, stride, k // 2, 1, groups, "zeros", weight)
+    expected = true_norm(conv, [size] * rank)
+    bounds = specfx.operator_norm(conv, size, method="bounds")
+    assert expected <= bounds.upper <= 1.01 * expected, bounds
+
+
+@pytest.mark.parametrize("stride,padding,groups,size", [(1, 0, 1, 5), (2, 0, 1, 6), (2, 1, 2, 5), (3, 2, 1, 4), (1, 3, 1, 2),
+                                                       (3, 2, 1, 1)])
+def test_a_pointwise_conv_is_its_weight_matrix(stride, padding, groups, size):
+    """1x1 convs (ResNet's bottlenecks and shortcuts): exact from the weight alone,
+    whatever the stride and zero padding — including padding that outputs only zeros."""
+    torch.manual_seed(stride * 10 + padding)
+    conv = make_conv(2, 6, 8, [1, 1], stride, padding, 1, groups, "zeros")
+    expected = true_norm(conv, [size, size])
+    bounds = specfx.operator_norm(conv, size, method="bounds")
+    assert bounds.exact and bounds.method.startswith("1x1")
+    assert bounds.lower <= expected <= bounds.upper and bounds.upper <= expected * (1 + 1e-8) + 1e-300
 
 
 def test_the_circulant_bound_alone_overshoots_on_small_grids():

@@ -289,6 +289,24 @@ def exact_dense(op: ConvOperator, max_dim: Optional[int]) -> NormBounds:
     return NormBounds(sigma * (1 - F64_MARGIN), sigma * (1 + F64_MARGIN), "dense SVD", True, op.describe())
 
 
+def pointwise_norm(op: ConvOperator) -> Optional[NormBounds]:
+    """The exact norm of a 1x1 conv whose padding adds no samples of its own (none, or
+    zeros): each output position reads one input position, distinct outputs distinct
+    inputs, so ``A = S ⊗ W`` per group with ``S`` a selection (orthonormal rows) and
+    ``‖A‖ = max_g ‖W_g‖`` — or 0 when every output reads padding. ``None`` for other layers."""
+    if any(k != 1 for k in op.kernel_size):
+        return None
+    if op.padding_mode != "zeros" and any(p != (0, 0) for p in op.padding):
+        return None
+    reads = all(any(0 <= j * s - left < n for j in range(m))
+                for n, m, s, (left, _) in zip(op.input_size, op.out_size, op.stride, op.padding))
+    weight = op.weight.detach().to(torch.float64).reshape(op.groups, op.out_channels // op.groups, -1)
+    gram = weight @ weight.mT if weight.shape[1] <= weight.shape[2] else weight.mT @ weight
+    top = float(torch.linalg.eigvalsh(gram)[:, -1].clamp_min(0).max().sqrt()) if reads else 0.0
+    return NormBounds(top * (1 - F64_MARGIN), top * (1 + F64_MARGIN), "1x1: the weight matrix", True,
+                      op.describe())
+
+
 def norm_bounds(op: ConvOperator, method: str = "auto", steps: int = 80, seed: int = 0,
                 refine: bool = True, max_dim: Optional[int] = 4096) -> NormBounds:
     """The certified interval for ``op`` (see the module docstring). Periodic layers are
@@ -308,6 +326,9 @@ def norm_bounds(op: ConvOperator, method: str = "auto", steps: int = 80, seed: i
             result = dataclasses.replace(result, lower=certified_lower(op, ritz.vectors[:, 0]),
                                          iterations=ritz.steps)
         return dataclasses.replace(result, seconds=time.perf_counter() - start)
+    pointwise = pointwise_norm(op)
+    if pointwise is not None:
+        return dataclasses.replace(pointwise, seconds=time.perf_counter() - start)
     if method == "exact" or (method == "auto" and max(op.in_dim, op.out_dim) <= AUTO_DENSE_DIM):
         return dataclasses.replace(exact_dense(op, max_dim), seconds=time.perf_counter() - start)
     ritz = lanczos(op, steps, seed=seed)

@@ -23,6 +23,13 @@ kernel at the two frequencies' difference, one factor per axis. The bound is ``�
 components near the top, which is where the excess is. It needs no spectral gap (that is
 Lehmann's condition, which random kernels do not meet).
 
+Strides and groups: a stride-``s`` periodic conv sends the ``s^d`` input frequencies that
+alias onto one output frequency through one block (the polyphase block of :mod:`.circular`),
+so a component is an output plane wave on the ``N/s`` grid and a sum of ``s^d`` input plane
+waves; the Gram of the input side sums over their pairs. Groups make the operator block
+diagonal, so each group is bounded on its own (and not at all where its periodic norm is
+already low enough) and the bound is the largest.
+
 A real kernel's components come in conjugate pairs (``ω`` and ``−ω``); in the real basis of
 each pair (the plane wave's cosine and sine parts) every matrix is real, which makes the
 ``2r``-sized eigenproblem four times cheaper than its complex form.
@@ -35,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -55,95 +62,159 @@ MAX_COMPONENTS = 4096
 
 @dataclasses.dataclass(frozen=True)
 class Components:
-    """The singular triplets of the half spectrum's blocks, largest first.
+    """One group's singular triplets of the periodic conv's blocks, largest first.
 
-    ``u``/``v`` are channel vectors in the full ``c_out``/``c_in`` slots (zeros outside their
-    group), ``freq`` the frequency's grid index per axis, ``paired`` whether the component
-    stands for itself and its conjugate at ``−ω`` (False for self-conjugate frequencies,
-    whose vectors are real).
+    A component is an output plane wave (channel vector ``u`` at frequency ``out_freq`` of
+    the output grid) and an input signal made of ``S = ∏ stride`` plane waves (channel vectors
+    ``v[:, α]`` at frequencies ``in_freq[:, α]`` of the input grid: the frequencies a strided
+    output frequency aliases from). ``paired``: the component stands for itself and its
+    conjugate at ``−ω`` (False for self-conjugate output frequencies, whose waves are real).
     """
 
     sigma: torch.Tensor
     u: torch.Tensor
     v: torch.Tensor
-    freq: torch.Tensor
+    out_freq: torch.Tensor
+    in_freq: torch.Tensor
     paired: torch.Tensor
     gram_error: float  # added to a squared singular value before it is trusted as an upper bound
     complete: bool  # every nonzero component is listed (none cut at MAX_COMPONENTS)
 
+    def top(self) -> float:
+        """The group's periodic-conv norm, as an upper bound."""
+        return math.sqrt(float(self.sigma[0]) ** 2 + self.gram_error) if len(self.sigma) else 0.0
+
 
 def block_work(op: ConvOperator, grid: tuple[int, ...]) -> float:
     """Roughly the flops of decomposing the half spectrum's blocks (for the skip rule)."""
-    side = min(op.out_channels // op.groups, op.weight.shape[1])
-    half = math.prod(grid[:-1]) * (grid[-1] // 2 + 1)
+    stride = math.prod(op.stride)
+    side = min(op.out_channels // op.groups, op.weight.shape[1] * stride)
+    out_grid = [n // s for n, s in zip(grid, op.stride)]
+    half = math.prod(out_grid[:-1]) * (out_grid[-1] // 2 + 1)
     return float(half * op.groups * side ** 3)
 
 
-def _partner(grid: tuple[int, ...]) -> torch.Tensor:
-    """For every flat frequency index, the flat index of its negative."""
-    index = torch.arange(math.prod(grid)).reshape(grid)
-    return index.flip(tuple(range(len(grid)))).roll((1,) * len(grid), tuple(range(len(grid)))).reshape(-1)
+def _negatives(grid: Sequence[int]) -> torch.Tensor:
+    """For every flat frequency index of ``grid``, the flat index of its negative."""
+    index = torch.arange(math.prod(grid)).reshape(tuple(grid))
+    axes = tuple(range(len(grid)))
+    return index.flip(axes).roll((1,) * len(grid), axes).reshape(-1)
 
 
-def components(op: ConvOperator, grid: tuple[int, ...]) -> Components:
-    """Every block's singular triplets on ``grid`` (half spectrum, float64), sorted by value."""
+def _alias_frequencies(out_freq: torch.Tensor, out_grid: Sequence[int], stride: Sequence[int]) -> torch.Tensor:
+    """Per output frequency (``F × d``), the ``S`` input frequencies aliasing onto it
+    (``F × S × d``, aliases in row-major order)."""
+    aliases = torch.cartesian_prod(*[torch.arange(s) for s in stride]).reshape(-1, len(stride))
+    return out_freq[:, None, :] + aliases[None, :, :] * torch.tensor(out_grid)
+
+
+def _realifier(in_freq: torch.Tensor, grid: Sequence[int], cols: int) -> torch.Tensor:
+    """For a self-conjugate output frequency, the unitary ``T`` mapping real coordinates to
+    the stacked input spectrum (columns ordered channel-major, alias-minor) so that the
+    block times ``T`` is real: aliases at ``ω`` and ``−ω`` become a cosine and a sine."""
+    count = len(in_freq)
+    n = torch.tensor(list(grid))
+    negative = (-in_freq) % n
+    partner = [int(((in_freq == negative[a]).all(-1)).nonzero()[0]) for a in range(count)]
+    t = torch.zeros(count, count, dtype=torch.complex128)
+    for a, b in enumerate(partner):
+        if a == b:
+            t[a, a] = 1
+        elif a < b:
+            t[a, a] = t[b, a] = 1 / math.sqrt(2)
+            t[a, b], t[b, b] = 1j / math.sqrt(2), -1j / math.sqrt(2)
+    return torch.kron(torch.eye(cols, dtype=torch.complex128), t)
+
+
+def components(op: ConvOperator, grid: tuple[int, ...]) -> list[Components]:
+    """Every group's singular triplets on ``grid`` (half spectrum, float64), sorted by value.
+
+    The stride-``s`` periodic conv maps input frequency ``ω`` to output frequency ``ω mod
+    2π/s``: output frequency ``u`` of the ``N/s`` grid has the block
+    ``s^{-d/2} [e^{-iω·left} K̂(ω)]_{ω aliasing onto u}`` (``left`` places output 0 on the
+    input grid), which is the plain per-frequency block at stride 1.
+    """
     groups, rank = op.groups, op.rank
     rows, cols = op.out_channels // groups, op.weight.shape[1]
+    stride = op.stride
+    out_grid = tuple(n // s for n, s in zip(grid, stride))
+    aliases = math.prod(stride)
     kernel = dilated_kernel_on_grid(op.weight.detach().to(torch.float64), op.dilation, grid)
-    axes = tuple(range(2, 2 + rank))
-    spectrum = torch.fft.ifftn(kernel, dim=axes) * math.prod(grid)  # Σ_p k[p] e^{+iωp}
-    spectrum = spectrum.reshape(groups, rows, cols, -1).permute(0, 3, 1, 2)  # (g, freq, rows, cols)
-    partner = _partner(grid)
-    flat = torch.arange(partner.numel())
-    keep = flat <= partner
-    selfconj = (flat == partner)[keep]
-    blocks = spectrum[:, keep]
-    # Self-conjugate frequencies (0 or π on every axis) have real blocks and real vectors.
-    blocks[:, selfconj] = blocks[:, selfconj].real.to(blocks.dtype)
-    by_columns = cols <= rows
+    spectrum = torch.fft.ifftn(kernel, dim=tuple(range(2, 2 + rank))) * math.prod(grid)  # Σ_p k[p] e^{+iωp}
+    for axis, (n, (left, _)) in enumerate(zip(grid, op.padding)):
+        phase = torch.exp(-2j * math.pi * torch.arange(n, dtype=torch.float64) * left / n)
+        spectrum = spectrum * phase.reshape((n,) + (1,) * (rank - 1 - axis))
+    # Axis n → (alias, output frequency); blocks (group, output frequency, rows, cols·aliases).
+    split = [d for s, m in zip(stride, out_grid) for d in (s, m)]
+    spectrum = spectrum.reshape(groups, rows, cols, *split)
+    alias_dims = [3 + 2 * a for a in range(rank)]
+    freq_dims = [4 + 2 * a for a in range(rank)]
+    spectrum = spectrum.permute(0, *freq_dims, 1, 2, *alias_dims)
+    blocks = spectrum.reshape(groups, math.prod(out_grid), rows, cols * aliases) / math.sqrt(aliases)
+
+    negative = _negatives(out_grid)
+    flat = torch.arange(negative.numel())
+    keep = flat <= negative
+    rep_freq = flat[keep]
+    selfconj = (rep_freq == negative[keep])
+    out_freq = torch.stack(torch.unravel_index(rep_freq, out_grid), -1)
+    in_freq = _alias_frequencies(out_freq, out_grid, stride)
+    blocks = blocks[:, keep]
+    width = cols * aliases
+    realifiers = {int(f): _realifier(in_freq[f], grid, cols) for f in selfconj.nonzero()[:, 0]}
+    for f, t in realifiers.items():  # real blocks, real vectors
+        blocks[:, f] = (blocks[:, f] @ t).real.to(blocks.dtype)
+    by_columns = width <= rows
     gram = blocks.mH @ blocks if by_columns else blocks @ blocks.mH
     values, vectors = torch.linalg.eigh(gram)
     real_values, real_vectors = torch.linalg.eigh(gram[:, selfconj].real)
     values[:, selfconj], vectors[:, selfconj] = real_values, real_vectors.to(vectors.dtype)
     sigma = values.clamp_min(0).sqrt()
-    frobenius2 = float(torch.view_as_real(blocks).square().sum((-3, -2, -1)).max())
-    gram_error = 2 * (min(rows, cols) + 2) * U64 * frobenius2
-    # Only components a correction can use: positive, and at most a few thousand.
-    order = torch.argsort(sigma.reshape(-1), descending=True)
-    complete = int((sigma > 0).sum()) <= MAX_COMPONENTS
-    order = order[:MAX_COMPONENTS]
-    order = order[sigma.reshape(-1)[order] > 0]
-    g_idx, f_idx, i_idx = torch.unravel_index(order, sigma.shape)
-    s = sigma[g_idx, f_idx, i_idx]
-    side = vectors[g_idx, f_idx, :, i_idx]  # eigenvectors of the Gram side
     images = blocks @ vectors if by_columns else blocks.mH @ vectors  # K̂v = σu, or K̂ᴴu = σv
-    other = images[g_idx, f_idx, :, i_idx] / s[:, None]
-    v, u = (side, other) if by_columns else (other, side)
-    u_full = torch.zeros(len(s), op.out_channels, dtype=torch.complex128)
-    v_full = torch.zeros(len(s), op.in_channels, dtype=torch.complex128)
+    frobenius2 = torch.view_as_real(blocks).square().sum((-3, -2, -1)).amax(-1)
+    result = []
     for g in range(groups):
-        mask = g_idx == g
-        u_full[mask, g * rows:(g + 1) * rows] = u[mask]
-        v_full[mask, g * cols:(g + 1) * cols] = v[mask]
-    rep_freq = flat[keep][f_idx]
-    freq = torch.stack(torch.unravel_index(rep_freq, grid), -1)
-    return Components(s, u_full, v_full, freq, ~selfconj[f_idx], gram_error, complete)
+        # Only components a correction can use: positive, and at most a few thousand.
+        order = torch.argsort(sigma[g].reshape(-1), descending=True)
+        complete = int((sigma[g] > 0).sum()) <= MAX_COMPONENTS
+        order = order[:MAX_COMPONENTS]
+        order = order[sigma[g].reshape(-1)[order] > 0]
+        f_idx, i_idx = torch.unravel_index(order, sigma[g].shape)
+        s = sigma[g, f_idx, i_idx]
+        side = vectors[g, f_idx, :, i_idx]
+        other = images[g, f_idx, :, i_idx] / s[:, None]
+        v, u = (side, other) if by_columns else (other, side)
+        for f, t in realifiers.items():  # back from real coordinates to the input spectrum
+            mask = f_idx == f
+            v[mask] = v[mask] @ t.T
+        gram_error = 2 * (min(rows, width) + 2) * U64 * float(frobenius2[g])
+        result.append(Components(s, u, v.reshape(len(s), cols, aliases).transpose(1, 2), out_freq[f_idx],
+                                 in_freq[f_idx], ~selfconj[f_idx], gram_error, complete))
+    return result
 
 
 def _window_gram(vectors: torch.Tensor, freq: torch.Tensor, paired: torch.Tensor,
-                 positions: list[torch.Tensor], grid: tuple[int, ...]) -> torch.Tensor:
-    """The Gram matrix of the kept components' plane waves restricted to a window, in the real
-    basis (cosine and sine part of a pair, ``√2`` times real and imaginary parts)."""
-    def dirichlet(sign: int) -> torch.Tensor:
-        out = torch.ones(len(freq), len(freq), dtype=torch.complex128)
-        for axis, (n, pos) in enumerate(zip(grid, positions)):
-            table = torch.exp(2j * math.pi * torch.arange(n, dtype=torch.float64)[:, None] * pos[None, :] / n).sum(1) / n
-            j = freq[:, axis]
-            out = out * table[(j[None, :] + sign * j[:, None]) % n]
+                 positions: list[torch.Tensor], grid: Sequence[int]) -> torch.Tensor:
+    """The Gram matrix of the kept components' waves restricted to a window, in the real
+    basis (cosine and sine part of a pair, ``√2`` times real and imaginary parts).
+    ``vectors`` is ``K × pieces × channels``, ``freq`` ``K × pieces × d``."""
+    tables = [torch.exp(2j * math.pi * torch.arange(n, dtype=torch.float64)[:, None] * pos[None, :] / n).sum(1) / n
+              for n, pos in zip(grid, positions)]
+
+    def dirichlet(first: torch.Tensor, second: torch.Tensor, sign: int) -> torch.Tensor:
+        out = torch.ones(len(first), len(second), dtype=torch.complex128)
+        for axis, (n, table) in enumerate(zip(grid, tables)):
+            out = out * table[(second[None, :, axis] + sign * first[:, None, axis]) % n]
         return out
 
-    plain = (vectors.conj() @ vectors.T) * dirichlet(-1)   # Σ_p conj(z_a) z_b
-    twisted = (vectors @ vectors.T) * dirichlet(+1)        # Σ_p z_a z_b
+    pieces = vectors.shape[1]
+    plain = torch.zeros(len(freq), len(freq), dtype=torch.complex128)   # Σ_p conj(z_a) z_b
+    twisted = torch.zeros_like(plain)                                   # Σ_p z_a z_b
+    for a in range(pieces):
+        for b in range(pieces):
+            first, second = vectors[:, a], vectors[:, b]
+            plain += (first.conj() @ second.T) * dirichlet(freq[:, a], freq[:, b], -1)
+            twisted += (first @ second.T) * dirichlet(freq[:, a], freq[:, b], +1)
     cos_cos = (plain + twisted).real
     sin_sin = (plain - twisted).real
     cos_sin = (plain + twisted).imag
@@ -158,10 +229,9 @@ def _window_gram(vectors: torch.Tensor, freq: torch.Tensor, paired: torch.Tensor
 
 
 def _positions(op: ConvOperator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per axis, the grid positions of the input window and of the outputs read."""
+    """Per axis, the input window on the input grid and the outputs on the output grid."""
     inputs = [torch.arange(n, dtype=torch.float64) for n in op.input_size]
-    outputs = [torch.arange(m, dtype=torch.float64) * s - left
-               for m, s, (left, _) in zip(op.out_size, op.stride, op.padding)]
+    outputs = [torch.arange(m, dtype=torch.float64) for m in op.out_size]
     return inputs, outputs
 
 
@@ -177,8 +247,8 @@ def _cholesky(gram: torch.Tensor) -> torch.Tensor:
 
 
 def corrected_bound(op: ConvOperator, grid: tuple[int, ...], comps: Components, count: int) -> tuple[float, int]:
-    """The bound with the ``count`` largest components kept (a pair is kept whole); returns
-    the bound and how many real components it kept."""
+    """The bound for one group with its ``count`` largest components kept (a pair is kept
+    whole); returns the bound and how many real components it kept."""
     paired = comps.paired
     weight = torch.where(paired, 2, 1)
     total = torch.cumsum(weight, 0)
@@ -191,8 +261,9 @@ def corrected_bound(op: ConvOperator, grid: tuple[int, ...], comps: Components, 
         return s0, 0
     sl = slice(0, kept)
     inputs, outputs = _positions(op)
-    gx = _window_gram(comps.u[sl], comps.freq[sl], paired[sl], outputs, grid)
-    gy = _window_gram(comps.v[sl], comps.freq[sl], paired[sl], inputs, grid)
+    out_grid = [n // s for n, s in zip(grid, op.stride)]
+    gx = _window_gram(comps.u[sl, None], comps.out_freq[sl, None], paired[sl], outputs, out_grid)
+    gy = _window_gram(comps.v[sl], comps.in_freq[sl], paired[sl], inputs, grid)
     sigma = torch.cat([comps.sigma[sl], comps.sigma[sl][paired[sl]]])
     lx, ly = _cholesky(gx), _cholesky(gy)
     middle = (lx.T * sigma[None, :]) @ ly
@@ -203,22 +274,24 @@ def corrected_bound(op: ConvOperator, grid: tuple[int, ...], comps: Components, 
 
 def windowed_upper(op: ConvOperator, grid: tuple[int, ...], good_enough: float,
                    max_components: int = 2048) -> Optional[tuple[float, int]]:
-    """The smallest window-corrected bound found keeping 64, 128, … up to ``max_components``
-    components, stopping once a bound is at most ``good_enough``; ``None`` when the blocks
-    are too wide to decompose in time (:data:`BLOCK_WORK_LIMIT`). Returns the bound (with
-    float64's margin) and the number of components behind it."""
+    """The window-corrected bound: the largest over the groups (the operator is block
+    diagonal in them) of each group's smallest bound found keeping 64, 128, … up to
+    ``max_components`` components, stopping once it is at most ``good_enough``; groups
+    whose periodic norm is already that low are not corrected. ``None`` when the blocks are
+    too wide to decompose in time (:data:`BLOCK_WORK_LIMIT`). Returns the bound (with
+    float64's margin) and the most components kept in a group."""
     if block_work(op, grid) > BLOCK_WORK_LIMIT:
         return None
-    comps = components(op, grid)
-    if len(comps.sigma) < 2:
-        return None
-    best: Optional[tuple[float, int]] = None
-    count = 64
-    while True:
-        bound, used = corrected_bound(op, grid, comps, count)
-        bound *= 1 + F64_MARGIN
-        if best is None or bound < best[0]:
-            best = (bound, used)
-        if best[0] <= good_enough or count >= max_components or used >= int(comps.paired.sum()) + len(comps.sigma):
-            return best
-        count *= 2
+    bound, most = 0.0, 0
+    for comps in components(op, grid):
+        best, used = comps.top(), 0
+        count = 64
+        while best > good_enough and len(comps.sigma) > 1:
+            value, kept = corrected_bound(op, grid, comps, count)
+            if value < best:
+                best, used = value, kept
+            if count >= max_components or kept >= int(comps.paired.sum()) + len(comps.sigma):
+                break
+            count *= 2
+        bound, most = max(bound, best), max(most, used)
+    return bound * (1 + F64_MARGIN), most
