@@ -209,6 +209,21 @@ def test_a_pointwise_conv_is_its_weight_matrix(stride, padding, groups, size):
     assert bounds.lower <= expected <= bounds.upper and bounds.upper <= expected * (1 + 1e-8) + 1e-300
 
 
+@pytest.mark.parametrize("fill", [float("nan"), float("inf")])
+def test_a_non_finite_weight_is_refused_by_name(fill):
+    conv = make_conv(2, 4, 4, [3, 3], 1, 1, 1, 1, "zeros")
+    with torch.no_grad():
+        conv.weight[0, 0, 0, 0] = fill
+    with pytest.raises(LayerError, match="NaN or Inf"):
+        specfx.operator_norm(conv, 6, method="bounds")
+
+
+def test_a_zero_weight_has_norm_zero_and_no_gap():
+    conv = make_conv(2, 4, 4, [3, 3], 1, 1, 1, 1, "zeros", torch.zeros(4, 4, 3, 3, dtype=torch.float64))
+    bounds = specfx.operator_norm(conv, 6, method="bounds")
+    assert bounds.lower == bounds.upper == 0 and bounds.gap == 0
+
+
 def test_the_circulant_bound_alone_overshoots_on_small_grids():
     """Without the refinement the bound is the containing periodic conv's norm, whose
     excess is the finite-size effect: ~20% on a 4x4 grid for a smooth kernel."""

@@ -87,6 +87,8 @@ class NormBounds:
     @property
     def gap(self) -> float:
         """``upper / lower − 1``: how far apart the bounds are (0 for exact results)."""
+        if self.upper == 0:
+            return 0.0
         return self.upper / self.lower - 1.0 if self.lower > 0 else math.inf
 
     def __str__(self) -> str:
@@ -316,6 +318,8 @@ def norm_bounds(op: ConvOperator, method: str = "auto", steps: int = 80, seed: i
     if method not in ("auto", "exact", "bounds"):
         raise LayerError(f"{op.name}: method must be 'auto', 'exact' or 'bounds', got {method!r}")
     start = time.perf_counter()
+    if not bool(torch.isfinite(op.weight.detach()).all()):
+        raise LayerError(f"{op.name}: the weight has NaN or Inf entries, so the layer has no finite operator norm")
     if op.periodic:
         values, arithmetic = block_upper_values(op, op.input_size)
         sigma = float(values[0])
