@@ -9,7 +9,7 @@ Cases:
    - ``specfx upper``: the certified bound of the periodic conv that contains the layer
      (its 8x8 grid's 40 half-spectrum blocks, float32 Gram eigenvalues with error margins);
    - ``specfx interval``: ``specfx.operator_norm`` — that bound, Lanczos's lower bound and
-     the Lehmann refinement;
+     the Lehmann refinement (the window correction skips a layer this wide);
    - ``Gram iteration`` (Delattre, Barthélemy & Allauzen, ICML 2023) on the same blocks,
      with the fewest iterations whose bound is as tight as specfx's (printed);
    - ``batched SVD`` (Sedghi et al.): every block's full SVD (complex64);
@@ -25,8 +25,10 @@ Cases:
 4. **Tightness** of the certified interval (``method="bounds"``) against the exact norm
    (the SVD of the explicit float64 matrix), for random and trained-like kernels (a
    low-pass spatial profile carrying a dominant channel direction) at several grid sizes,
-   beside the spectral norm of the reshaped weight that ``torch.nn.utils.spectral_norm``
-   normalises.
+   beside the periodic conv's bound alone and the spectral norm of the reshaped weight
+   that ``torch.nn.utils.spectral_norm`` normalises.
+5. **Wide layers** (64–512 channels on 4x4 and 7x7), too wide for a reference SVD: the
+   interval's own width and time.
 
 Timing: :func:`timing.interleaved_medians` (candidates interleaved round by round, the
 median kept); ratios are against each anchor.
