@@ -5,7 +5,7 @@ samples per axis (:func:`.bounds.dominating_grid`), fed through ``E`` (the input
 window of the grid, zeros elsewhere) and read through ``R`` (the output window, strided).
 ``‖C‖`` bounds ``‖A‖`` but ignores both windows: its top singular vectors are plane waves
 over the whole grid, and a window of ``n`` samples cannot hold one. That is the
-finite-size excess of the circulant bound, 10-15% on 4x4 grids for random kernels.
+finite-size excess of the circulant bound, 10-20% on 4x4 grids.
 
 Write the unitary DFT ``F`` and ``C = F* D F``, ``D`` block diagonal with the blocks
 ``K̂(ω) = Σ_m K_m e^{iω·m·d}``. Split every block by its SVD into the components kept,
@@ -35,7 +35,7 @@ each pair (the plane wave's cosine and sine parts) every matrix is real, which m
 ``2r``-sized eigenproblem four times cheaper than its complex form.
 
 Arithmetic is float64; singular values not kept are raised by the Gram matrix's and the
-eigensolver's standard error bounds, and the result by :data:`.bounds.F64_MARGIN`.
+eigensolver's standard error bounds, and the result by :data:`F64_MARGIN`.
 """
 
 from __future__ import annotations
