@@ -300,8 +300,9 @@ def pointwise_norm(op: ConvOperator) -> Optional[NormBounds]:
         return None
     if op.padding_mode != "zeros" and any(p != (0, 0) for p in op.padding):
         return None
-    reads = all(any(0 <= j * s - left < n for j in range(m))
-                for n, m, s, (left, _) in zip(op.input_size, op.out_size, op.stride, op.padding))
+    first = [-(-left // s) for s, (left, _) in zip(op.stride, op.padding)]  # the first output on an input
+    reads = all(j < m and j * s - left < n
+                for j, n, m, s, (left, _) in zip(first, op.input_size, op.out_size, op.stride, op.padding))
     weight = op.weight.detach().to(torch.float64).reshape(op.groups, op.out_channels // op.groups, -1)
     gram = weight @ weight.mT if weight.shape[1] <= weight.shape[2] else weight.mT @ weight
     top = float(torch.linalg.eigvalsh(gram)[:, -1].clamp_min(0).max().sqrt()) if reads else 0.0
@@ -312,7 +313,8 @@ def pointwise_norm(op: ConvOperator) -> Optional[NormBounds]:
 def norm_bounds(op: ConvOperator, method: str = "auto", steps: int = 80, seed: int = 0,
                 refine: bool = True, max_dim: Optional[int] = 4096) -> NormBounds:
     """The certified interval for ``op`` (see the module docstring). Periodic layers are
-    computed exactly from their blocks whatever the method; otherwise ``method`` is
+    computed exactly from their blocks, and 1x1 convs from their weight (:func:`pointwise_norm`),
+    whatever the method; otherwise ``method`` is
     ``"auto"`` (dense SVD up to :data:`AUTO_DENSE_DIM` rows and columns, bounds beyond),
     ``"exact"`` (dense SVD; refused past ``max_dim``) or ``"bounds"``."""
     if method not in ("auto", "exact", "bounds"):
