@@ -46,7 +46,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .circular import dilated_kernel_on_grid
+from .circular import periodic_blocks
 from .layer import ConvOperator
 
 U64 = 2.0 ** -53
@@ -134,31 +134,27 @@ def components(op: ConvOperator, grid: tuple[int, ...]) -> list[Components]:
     ``s^{-d/2} [e^{-iω·left} K̂(ω)]_{ω aliasing onto u}`` (``left`` places output 0 on the
     input grid), which is the plain per-frequency block at stride 1.
     """
-    groups, rank = op.groups, op.rank
+    groups = op.groups
     rows, cols = op.out_channels // groups, op.weight.shape[1]
     stride = op.stride
     out_grid = tuple(n // s for n, s in zip(grid, stride))
     aliases = math.prod(stride)
-    kernel = dilated_kernel_on_grid(op.weight.detach().to(torch.float64), op.dilation, grid)
-    spectrum = torch.fft.ifftn(kernel, dim=tuple(range(2, 2 + rank))) * math.prod(grid)  # Σ_p k[p] e^{+iωp}
-    for axis, (n, (left, _)) in enumerate(zip(grid, op.padding)):
-        phase = torch.exp(-2j * math.pi * torch.arange(n, dtype=torch.float64) * left / n)
-        spectrum = spectrum * phase.reshape((n,) + (1,) * (rank - 1 - axis))
-    # Axis n → (alias, output frequency); blocks (group, output frequency, rows, cols·aliases).
-    split = [d for s, m in zip(stride, out_grid) for d in (s, m)]
-    spectrum = spectrum.reshape(groups, rows, cols, *split)
-    alias_dims = [3 + 2 * a for a in range(rank)]
-    freq_dims = [4 + 2 * a for a in range(rank)]
-    spectrum = spectrum.permute(0, *freq_dims, 1, 2, *alias_dims)
-    blocks = spectrum.reshape(groups, math.prod(out_grid), rows, cols * aliases) / math.sqrt(aliases)
+    # periodic_blocks' polyphase blocks are taken with e^{-iω·m}; the plane waves here run as
+    # e^{+iω·p}, hence the conjugate, and e^{-iω·left} places output 0 on the input grid.
+    polyphase = periodic_blocks(op.with_weight(op.weight.detach()), grid, torch.float64, half=False).matrices
+    out_freq = torch.stack(torch.unravel_index(torch.arange(math.prod(out_grid)), out_grid), -1)
+    in_freq = _alias_frequencies(out_freq, out_grid, stride)
+    turns = sum(in_freq[..., axis].to(torch.float64) * left / n
+                for axis, (n, (left, _)) in enumerate(zip(grid, op.padding)))
+    phase = torch.exp(-2j * math.pi * turns)  # (output frequency, alias)
+    blocks = polyphase.conj().reshape(groups, -1, rows, cols, aliases) * phase[None, :, None, None, :]
+    blocks = blocks.reshape(groups, -1, rows, cols * aliases)
 
     negative = _negatives(out_grid)
     flat = torch.arange(negative.numel())
     keep = flat <= negative
-    rep_freq = flat[keep]
-    selfconj = (rep_freq == negative[keep])
-    out_freq = torch.stack(torch.unravel_index(rep_freq, out_grid), -1)
-    in_freq = _alias_frequencies(out_freq, out_grid, stride)
+    selfconj = (flat == negative)[keep]
+    out_freq, in_freq = out_freq[keep], in_freq[keep]
     blocks = blocks[:, keep]
     width = cols * aliases
     realifiers = {int(f): _realifier(in_freq[f], grid, cols) for f in selfconj.nonzero()[:, 0]}
