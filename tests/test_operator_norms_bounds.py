@@ -71,12 +71,18 @@ def layer_configs(draw):
     return rank, c_in, c_out, kernel, stride, padding, dilation, groups, mode, size, draw(st.integers(0, 2**31 - 1))
 
 
+def conv_of(config, mode=None):
+    """The seeded layer a ``layer_configs`` draw describes (``mode`` overrides its padding
+    mode) and its input size."""
+    rank, c_in, c_out, kernel, stride, padding, dilation, groups, drawn_mode, size, seed = config
+    torch.manual_seed(seed)
+    return make_conv(rank, c_in, c_out, kernel, stride, padding, dilation, groups, mode or drawn_mode), size
+
+
 @settings(max_examples=30, deadline=None)
 @given(layer_configs())
 def test_the_interval_contains_the_true_norm(config):
-    rank, c_in, c_out, kernel, stride, padding, dilation, groups, mode, size, seed = config
-    torch.manual_seed(seed)
-    conv = make_conv(rank, c_in, c_out, kernel, stride, padding, dilation, groups, mode)
+    conv, size = conv_of(config)
     expected = true_norm(conv, size)
     bounds = specfx.operator_norm(conv, size, method="bounds")
     assert bounds.lower <= expected <= bounds.upper, (bounds, expected)
@@ -88,12 +94,10 @@ def test_the_interval_contains_the_true_norm(config):
 @settings(max_examples=25, deadline=None)
 @given(layer_configs())
 def test_the_operator_is_torchs_conv_and_its_adjoint_its_transpose(config):
-    rank, c_in, c_out, kernel, stride, padding, dilation, groups, mode, size, seed = config
-    torch.manual_seed(seed)
-    conv = make_conv(rank, c_in, c_out, kernel, stride, padding, dilation, groups, mode)
+    conv, size = conv_of(config)
     op = as_operator(conv, size)
-    x = torch.randn(2, c_in, *size, dtype=torch.float64)
-    y = torch.randn(2, c_out, *op.out_size, dtype=torch.float64)
+    x = torch.randn(2, conv.in_channels, *size, dtype=torch.float64)
+    y = torch.randn(2, conv.out_channels, *op.out_size, dtype=torch.float64)
     with torch.no_grad():
         assert torch.allclose(op.apply(x), conv(x), rtol=0, atol=1e-12)
     assert torch.allclose((op.apply(x) * y).sum(), (x * op.adjoint(y)).sum(), rtol=1e-12, atol=1e-12)
@@ -152,9 +156,7 @@ def test_the_window_correction_is_an_upper_bound_and_exact_when_everything_is_ke
     """Over layers of every rank, stride, dilation, groups and padding amount (zeros): the
     window-corrected bound contains the true norm with any number of components kept, and
     equals it once all are."""
-    rank, c_in, c_out, kernel, stride, padding, dilation, groups, _, size, seed = config
-    torch.manual_seed(seed)
-    conv = make_conv(rank, c_in, c_out, kernel, stride, padding, dilation, groups, "zeros")
+    conv, size = conv_of(config, mode="zeros")
     expected = true_norm(conv, size)
     op = as_operator(conv, size)
     grid = dominating_grid(op)
